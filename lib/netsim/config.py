@@ -1,0 +1,146 @@
+"""The smoke / paper profiles of every experiment, in one place.
+
+Each notebook's `parameters` cell holds only `profile` and `seed`; everything else it
+needs comes from here::
+
+    >>> from netsim import config
+    >>> cfg = config.load("kernel_tour", "smoke")
+    >>> cfg.n_train, cfg.hidden
+    (256, 32)
+    >>> config.config_hash(cfg) == config.config_hash(config.EXPERIMENTS["kernel_tour"]["smoke"])
+    True
+
+`smoke` runs each notebook in about a minute on 2 CPU cores and still checks its claim with
+looser thresholds; `paper` produces the published figure. Adding an experiment is adding one
+entry to `EXPERIMENTS` with both profiles, holding plain JSON values only (they are hashed
+into cache keys, see `config_hash`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROFILES: tuple[str, ...] = ("smoke", "paper")
+
+#: experiment name -> profile name -> plain-JSON settings.
+EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "kernel_tour": {
+        "smoke": {"n_train": 256, "epochs": 150, "hidden": 32, "lr": 1e-3, "frequency": 2},
+        "paper": {"n_train": 1024, "epochs": 300, "hidden": 64, "lr": 1e-3, "frequency": 2},
+    },
+    # Fig. 4 (section 4.3), the authors' protocol: 160k Adam steps (5000 epochs of 32 batches).
+    "sinusoid": {
+        "smoke": {"n": 512, "frequencies": [1, 4, 16], "seeds": [0, 1], "epochs": 400,
+                  "lr": 1e-3, "batch_size": 64, "hidden": 64, "depth": 5,
+                  "taus": [0.5, 0.9, 0.99], "alphas": [2], "n_boot": 200},
+        "paper": {"n": 2048, "frequencies": [1, 2, 4, 8, 16], "seeds": [0, 1, 2, 3, 4],
+                  "epochs": 5000, "lr": 1e-4, "batch_size": 64, "hidden": 64, "depth": 5,
+                  "taus": [0.5, 0.6, 0.7, 0.8, 0.9, 0.925, 0.95, 0.975, 0.99],
+                  "alphas": [2, 3, 4], "n_boot": 2000},
+    },
+}
+
+
+def repo_root() -> Path:
+    """The repository root: the nearest ancestor of this file holding `pyproject.toml`.
+
+    The package is installed editable from `lib/`, so this finds the checkout; for a
+    non-editable install (no pyproject above the package) it falls back to the current
+    working directory.
+    """
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "pyproject.toml").is_file():
+            return parent
+    return Path.cwd()
+
+
+def check_profile(profile: str) -> str:
+    """Return `profile` if it is one of `PROFILES`, else raise ValueError listing them."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    return profile
+
+
+def _check_experiment(experiment: str) -> dict[str, dict[str, Any]]:
+    if experiment not in EXPERIMENTS:
+        valid = ", ".join(sorted(EXPERIMENTS))
+        raise ValueError(f"unknown experiment {experiment!r}; valid experiments: {valid}")
+    return EXPERIMENTS[experiment]
+
+
+def load(experiment: str, profile: str) -> types.SimpleNamespace:
+    """The settings of `experiment` in `profile`, as attributes.
+
+    Args:
+        experiment: a key of `EXPERIMENTS`, e.g. "kernel_tour".
+        profile: "smoke" or "paper".
+
+    Returns:
+        A fresh namespace (a deep copy: changing it never changes the registry).
+
+    Raises:
+        ValueError: unknown experiment or profile; the message lists the valid names.
+    """
+    profiles = _check_experiment(experiment)
+    check_profile(profile)
+    return types.SimpleNamespace(**copy.deepcopy(profiles[profile]))
+
+
+def _plain(cfg: Any) -> Any:
+    """Turn namespaces / dataclasses / mappings / tuples into plain JSON-able values."""
+    if isinstance(cfg, types.SimpleNamespace):
+        cfg = vars(cfg)
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = dataclasses.asdict(cfg)
+    if isinstance(cfg, Mapping):
+        out = {}
+        for key, value in cfg.items():
+            if not isinstance(key, str):
+                raise TypeError(f"config keys must be strings, got {key!r}")
+            out[key] = _plain(value)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [_plain(v) for v in cfg]
+    if cfg is None or isinstance(cfg, (str, int, float, bool)):
+        return cfg
+    raise TypeError(f"config values must be plain JSON values, got {type(cfg).__name__}: {cfg!r}")
+
+
+def config_hash(cfg: Any) -> str:
+    """A stable 16-hex-digit key for a config: sha256 of its canonical JSON.
+
+    Canonical = sorted keys, no whitespace, tuples as lists. Key order never matters; any
+    changed value does (note that 1 and 1.0 are different JSON and hash differently).
+
+    Args:
+        cfg: a namespace from `load`, a dict, or a dataclass instance of plain values.
+    """
+    text = json.dumps(_plain(cfg), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def cache_dir(experiment: str, profile: str, cfg: Any, *, root: Path | None = None) -> Path:
+    """Directory for cached artefacts of one config: `data/cache/<profile>/<experiment>/<hash>/`.
+
+    Keyed by `config_hash(cfg)`, so a changed config never reads a stale cache. The directory
+    is created.
+
+    Args:
+        experiment: a key of `EXPERIMENTS`.
+        profile: "smoke" or "paper".
+        cfg: the config the artefacts were computed from.
+        root: the `data/` directory; defaults to `<repo>/data`.
+    """
+    _check_experiment(experiment)
+    check_profile(profile)
+    base = Path(root) if root is not None else repo_root() / "data"
+    path = base / "cache" / profile / experiment / config_hash(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,58 @@
+"""Process-wide run settings: torch thread count and seeds.
+
+Notebooks and benchmarks call both at the top::
+
+    >>> from netsim import runtime
+    >>> runtime.configure_threads()   # 1 unless $NETSIM_THREADS or an argument says otherwise
+    1
+    >>> runtime.seed_everything(0)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count and return it.
+
+    The count is `n` if given, else `$NETSIM_THREADS`, else 1. The default is 1 because on
+    the shared 2-core machines this project runs on, oversubscribed torch threads were
+    measured 10-160x slower than a single thread. The performance work re-measures this;
+    set NETSIM_THREADS to override without code changes.
+
+    Idempotent: calling it again with the same count changes nothing. Only the intra-op
+    pool is set: `torch.set_num_interop_threads` may be called once per process, before any
+    parallel work, so it is left to the caller.
+
+    Raises:
+        ValueError: a count (argument or environment) that is not a positive integer.
+    """
+    if n is not None:
+        count, source = n, "argument"
+    else:
+        env = os.environ.get("NETSIM_THREADS", "").strip()
+        count, source = (int(env) if env.isdigit() else env, "NETSIM_THREADS") if env else (1, "default")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"thread count from {source} must be a positive integer, got {count!r}")
+    import torch  # imported late: validating the count should not cost a torch import
+
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global generator and torch (CPU and all devices).
+
+    Covers the global generators only: code that builds its own `torch.Generator` or
+    `numpy.random.default_rng(seed)` seeds those itself. `PYTHONHASHSEED` cannot be set
+    from inside a running process and is not touched.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA generators when present

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then run the test suite and validate the notebooks, both in the
+# smoke profile. Extra arguments go to the first pytest call (e.g. -k kernel, -x, -m "not slow").
+# Exit status is non-zero if either step fails; both steps always run so one CI log shows all.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+scripts/setup_env.sh
+py=.venv/bin/python
+export NETSIM_PROFILE=smoke MPLBACKEND=Agg
+
+status=0
+echo "== pytest tests/ (profile smoke)"
+"$py" -m pytest tests/ "$@" || status=$?
+
+shopt -s nullglob
+notebooks=(notebooks/*.ipynb)
+if ((${#notebooks[@]} == 0)); then
+    echo "== nbval: no notebooks/*.ipynb, skipped"
+else
+    # --nbval-lax: a cell fails on an exception; outputs are compared only in cells marked
+    # "# NBVAL_CHECK_OUTPUT". --nbval-current-env: run in .venv's python, not whatever
+    # kernel the notebook metadata names.
+    echo "== nbval on ${#notebooks[@]} notebook(s) (profile smoke)"
+    nb_status=0
+    "$py" -m pytest --nbval-lax --nbval-current-env "${notebooks[@]}" || nb_status=$?
+    ((nb_status == 0)) || status=$nb_status
+fi
+exit "$status"

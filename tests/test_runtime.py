@@ -1,0 +1,53 @@
+"""netsim.runtime: thread configuration and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from netsim import runtime
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_configure_threads_sources(monkeypatch):
+    monkeypatch.delenv("NETSIM_THREADS", raising=False)
+    assert runtime.configure_threads() == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("NETSIM_THREADS", "2")
+    assert runtime.configure_threads() == 2 and torch.get_num_threads() == 2
+    assert runtime.configure_threads(1) == 1  # the argument wins over the environment
+    assert runtime.configure_threads(1) == 1  # idempotent
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("env", ["0", "-1", "two", "1.5"])
+def test_configure_threads_rejects_bad_env(monkeypatch, env):
+    monkeypatch.setenv("NETSIM_THREADS", env)
+    with pytest.raises(ValueError, match="NETSIM_THREADS"):
+        runtime.configure_threads()
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5, True])
+def test_configure_threads_rejects_bad_argument(n):
+    with pytest.raises(ValueError):
+        runtime.configure_threads(n)
+
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    runtime.seed_everything(7)
+    first = draw()
+    runtime.seed_everything(7)
+    assert draw() == first
+    runtime.seed_everything(8)
+    assert draw() != first

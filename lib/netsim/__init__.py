@@ -1,0 +1,35 @@
+"""netsim: input similarity from the neural network's perspective.
+
+A reproduction and extension of Charpiat, Girard, Felardos & Tarabalka, "Input Similarity
+from the Neural Network Perspective" (NeurIPS 2019). Two inputs are similar to a network
+when a parameter step that moves the output at one moves the output at the other: the
+kernels compare per-sample parameter gradients.
+
+    >>> import torch, netsim
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    >>> x = torch.randn(100, 2)
+    >>> k = netsim.similarity(net, x)            # (100, 100) k^C, ones on the diagonal
+    >>> n_s = netsim.soft_density(net, x)       # (100,) soft neighbour counts, no 100x100 matrix
+"""
+
+from . import outputs
+from .density import counts_from_kernel, neighbour_counts, soft_density
+from .grads import iter_jacobians, num_parameters, per_sample_grads, trainable_parameters
+from .kernel import ZeroGradientError, psd_power, similarity, similarity_from_jacobians
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ZeroGradientError",
+    "counts_from_kernel",
+    "iter_jacobians",
+    "neighbour_counts",
+    "num_parameters",
+    "outputs",
+    "per_sample_grads",
+    "psd_power",
+    "similarity",
+    "similarity_from_jacobians",
+    "soft_density",
+    "trainable_parameters",
+]

@@ -1,0 +1,179 @@
+"""Per-sample Jacobians of a model's (reduced) output with respect to its parameters.
+
+Everything in netsim starts from J(x) = d output_fn(model(x)) / d theta, a `(d, p)` matrix per
+sample: d is the output dimension after `output_fn`, p the number of trainable parameters.
+The Jacobians are exact, computed with torch.func (`functional_call` + `vmap` + `jacrev`),
+and produced chunk by chunk so that callers that only need sums of them never hold all of
+them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+OutputFn = Callable[..., Tensor]
+
+#: Default number of samples per vmap call: large enough to amortise Python overhead,
+#: small enough that `chunk_size * d * p` floats stay modest for ~1M-parameter models.
+DEFAULT_CHUNK = 64
+
+_MODES_THAT_MIX_SAMPLES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters the kernels differentiate against: those with `requires_grad=True`.
+
+    Raises:
+        ValueError: if the model has no trainable parameter.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter (requires_grad=True): "
+            "the gradient kernels are defined by parameter gradients, so there is nothing to compare."
+        )
+    return params
+
+
+def num_parameters(model: nn.Module) -> int:
+    """p, the length of one flattened per-sample gradient."""
+    return sum(p.numel() for p in trainable_parameters(model).values())
+
+
+def _check_model_mode(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if module.training and isinstance(module, _MODES_THAT_MIX_SAMPLES):
+            raise ValueError(
+                f"module {name or type(model).__name__!r} ({type(module).__name__}) is in training "
+                "mode: its output depends on the rest of the batch or on random draws, so a "
+                "per-sample gradient is not defined. Call model.eval() first."
+            )
+
+
+def _check_inputs(model: nn.Module, inputs: Tensor, targets: Tensor | None) -> None:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
+    device = next(iter(trainable_parameters(model).values())).device
+    if inputs.device != device:
+        raise ValueError(
+            f"inputs are on {inputs.device} but the model's parameters are on {device}: "
+            "move one of them (e.g. inputs.to(device))."
+        )
+    if targets is not None:
+        if targets.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"targets has {targets.shape[0]} rows for {inputs.shape[0]} inputs: one per sample needed"
+            )
+        if targets.device != device:
+            raise ValueError(f"targets are on {targets.device} but the model is on {device}")
+
+
+def _as_output_matrix(out: Tensor, batch: int) -> Tensor:
+    """Checks that an output batch is `(B, d)`; a `(B,)` output is read as d = 1."""
+    if out.ndim == 1 and out.shape[0] == batch:
+        return out.unsqueeze(1)
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise ValueError(
+            f"the (reduced) model output must have shape (B, d) = ({batch}, d), got {tuple(out.shape)}. "
+            "Pass output_fn mapping the raw output batch to (B, d), e.g. the displacement at the "
+            "patch centre, or netsim.outputs.class_vs_rest for a classifier."
+        )
+    return out
+
+
+def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+               targets: Tensor | None = None) -> int:
+    """d, the output dimension after `output_fn`, read from a forward pass on one sample."""
+    with torch.no_grad():
+        out = model(inputs[:1])
+        if output_fn is not None:
+            out = output_fn(out) if targets is None else output_fn(out, targets[:1])
+    return _as_output_matrix(out, 1).shape[1]
+
+
+def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_targets: bool):
+    """Builds `jac(params, x[, t]) -> {name: (d, *param.shape)}` for one unbatched sample."""
+    buffers = dict(model.named_buffers())
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+
+    def output(params, x, t=None):
+        out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+        if output_fn is not None:
+            out = output_fn(out) if t is None else output_fn(out, t.unsqueeze(0))
+        return _as_output_matrix(out, 1)[0]
+
+    if with_targets:
+        return jacrev(output)
+    return jacrev(lambda params, x: output(params, x))
+
+
+def iter_jacobians(
+    model: nn.Module,
+    inputs: Tensor,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    targets: Tensor | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yields `(start, J)` with `J` of shape `(n_chunk, d, p)` for consecutive input chunks.
+
+    The flattening order of parameters is `model.named_parameters()` order (trainable only),
+    the same in every chunk, so chunks can be combined by the caller.
+
+    Args:
+        model: any module; BatchNorm/Dropout must be in eval mode.
+        inputs: `(N, ...)` batch, on the model's device.
+        output_fn: maps the raw output batch to `(B, d)`; called as `output_fn(out)` or, when
+            `targets` is given, `output_fn(out, targets_batch)`.
+        chunk_size: samples per vmap call (default `DEFAULT_CHUNK`).
+        targets: optional `(N, ...)` per-sample side information for `output_fn` (class labels).
+    """
+    params = trainable_parameters(model)
+    _check_model_mode(model)
+    _check_inputs(model, inputs, targets)
+    chunk = chunk_size or DEFAULT_CHUNK
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk}")
+    # jacrev differentiates w.r.t. these detached copies, so no graph reaches the model.
+    detached = {n: p.detach() for n, p in params.items()}
+    jac = _single_sample_jacobian(model, output_fn, targets is not None)
+    batched = vmap(jac, in_dims=(None, 0, 0) if targets is not None else (None, 0))
+    for start in range(0, inputs.shape[0], chunk):
+        x = inputs[start:start + chunk]
+        args = (detached, x) if targets is None else (detached, x, targets[start:start + chunk])
+        per_param = batched(*args)
+        n, d = x.shape[0], next(iter(per_param.values())).shape[1]
+        yield start, torch.cat([per_param[name].reshape(n, d, -1) for name in params], dim=2)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    inputs: Tensor,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """Exact per-sample Jacobians of `output_fn(model(x))` w.r.t. all trainable parameters.
+
+    Args:
+        model: the network; parameters with `requires_grad=False` are left out.
+        inputs: `(N, ...)` batch.
+        output_fn: maps the raw output batch to `(B, d)` (default: the raw output, which must
+            be `(B, d)` or `(B,)`).
+        chunk_size: samples per vmap call.
+        targets: optional per-sample side information passed to `output_fn`.
+
+    Returns:
+        `(N, d, p)` tensor: row `J[n, i]` is the gradient of output i at sample n.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> per_sample_grads(net, torch.randn(5, 3)).shape
+        torch.Size([5, 2, 26])
+    """
+    return torch.cat([j for _, j in iter_jacobians(model, inputs, output_fn, chunk_size, targets)])

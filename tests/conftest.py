@@ -1,0 +1,59 @@
+"""Shared small models and the plain reference path (a per-sample backward loop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 3, hidden: int = 8, d_out: int = 1, depth: int = 2, act=nn.Tanh, seed: int = 0,
+        dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers, width = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), act()]
+        width = hidden
+    layers.append(nn.Linear(width, d_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
+class SmallCNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pool -> Linear: weight sharing, buffers, d outputs."""
+
+    def __init__(self, d_out: int = 2, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, d_out)
+        with torch.no_grad():  # non-trivial running statistics, so the buffers matter
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = nn.functional.avg_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.head(h.flatten(1))
+
+
+def reference_jacobians(model: nn.Module, inputs: torch.Tensor, output_fn=None, targets=None) -> torch.Tensor:
+    """(N, d, p) by one autograd.grad call per sample and output: the slow, obvious path."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for n in range(inputs.shape[0]):
+        out = model(inputs[n:n + 1])
+        if output_fn is not None:
+            out = output_fn(out) if targets is None else output_fn(out, targets[n:n + 1])
+        out = out.reshape(1, -1)
+        grads = []
+        for i in range(out.shape[1]):
+            g = torch.autograd.grad(out[0, i], params, retain_graph=True, allow_unused=True)
+            grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                    for gi, p in zip(g, params)]))
+        rows.append(torch.stack(grads))
+    return torch.stack(rows)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,93 @@
+"""per_sample_grads against a plain per-sample backward loop, and its input checks."""
+
+import pytest
+import torch
+from torch import nn
+
+import netsim
+from netsim import outputs
+from netsim.grads import iter_jacobians, output_dim
+
+from conftest import SmallCNN, mlp, reference_jacobians
+
+
+@pytest.mark.parametrize("d", [1, 2, 10])
+def test_mlp_matches_reference_loop(d):
+    model = mlp(d_out=d, seed=d)
+    x = torch.randn(7, 3)
+    J = netsim.per_sample_grads(model, x, chunk_size=3)
+    assert J.shape == (7, d, netsim.num_parameters(model))
+    torch.testing.assert_close(J, reference_jacobians(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [1, 2, 10])
+def test_cnn_with_buffers_matches_reference_loop(d):
+    model = SmallCNN(d_out=d).eval()
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(netsim.per_sample_grads(model, x), reference_jacobians(model, x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_output_fn_with_targets_matches_reference_loop():
+    model = mlp(d_out=10)
+    x, y = torch.randn(6, 3), torch.randint(0, 10, (6,))
+    J = netsim.per_sample_grads(model, x, output_fn=outputs.class_vs_rest, targets=y, chunk_size=4)
+    assert J.shape[1] == 1
+    torch.testing.assert_close(J, reference_jacobians(model, x, outputs.class_vs_rest, y), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_are_left_out():
+    model = mlp(d_out=2)
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(4, 3)
+    J = netsim.per_sample_grads(model, x)
+    assert J.shape[2] == netsim.num_parameters(model) == sum(p.numel() for p in model.parameters()) - 24
+    torch.testing.assert_close(J, reference_jacobians(model, x))
+
+
+def test_chunking_does_not_change_the_result():
+    model = mlp(d_out=2)
+    x = torch.randn(11, 3)
+    full = netsim.per_sample_grads(model, x, chunk_size=100)
+    for chunk in (1, 4, 11):
+        torch.testing.assert_close(netsim.per_sample_grads(model, x, chunk_size=chunk), full)
+    starts = [s for s, _ in iter_jacobians(model, x, chunk_size=4)]
+    assert starts == [0, 4, 8]
+
+
+def test_one_dimensional_output_is_read_as_d_equal_one():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+    assert output_dim(model, torch.randn(2, 3)) == 1
+    assert netsim.per_sample_grads(model, torch.randn(2, 3)).shape == (2, 1, 21)
+
+
+def test_no_trainable_parameter_is_an_error():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        netsim.per_sample_grads(model, torch.randn(2, 3))
+
+
+def test_empty_inputs_are_an_error():
+    with pytest.raises(ValueError, match="non-empty"):
+        netsim.per_sample_grads(mlp(), torch.randn(0, 3))
+
+
+def test_device_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="meta"):
+        netsim.per_sample_grads(mlp(), torch.randn(2, 3, device="meta"))
+
+
+def test_wrong_output_shape_is_an_error():
+    model = nn.Conv2d(1, 2, 3)  # (B, 2, H, W): not a (B, d) output
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        netsim.per_sample_grads(model, torch.randn(2, 1, 5, 5))
+
+
+def test_training_mode_batchnorm_is_an_error():
+    with pytest.raises(ValueError, match="eval"):
+        netsim.per_sample_grads(SmallCNN().train(), torch.randn(2, 1, 8, 8))
+
+
+def test_targets_of_wrong_length_are_an_error():
+    with pytest.raises(ValueError, match="one per sample"):
+        netsim.per_sample_grads(mlp(d_out=3), torch.randn(4, 3), outputs.class_vs_rest, targets=torch.zeros(3, dtype=torch.long))

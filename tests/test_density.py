@@ -1,0 +1,129 @@
+"""Neighbour-count estimators: fast soft estimate vs dense, the paper's identities, input checks."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import netsim
+from netsim import density, outputs
+
+from conftest import SmallCNN, mlp
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_fast_soft_estimate_equals_dense_row_sums(d):
+    model = mlp(d_out=d, seed=d)
+    xs = torch.randn(40, 3)
+    dense = netsim.similarity(model, xs).sum(1)
+    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn():
+    model = mlp(d_out=5, hidden=12, seed=4)
+    xs = torch.randn(30, 3)
+    dense = netsim.similarity(model, xs, output_fn=outputs.neg_log_softmax).sum(1)
+    fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8)
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-4)
+    cnn = SmallCNN(d_out=2).eval()
+    images = torch.randn(20, 1, 8, 8)
+    torch.testing.assert_close(netsim.soft_density(cnn, images), netsim.similarity(cnn, images).sum(1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_soft_estimate_against_a_separate_reference_set():
+    model = mlp(d_out=2, seed=2)
+    xs, ref = torch.randn(6, 3), torch.randn(25, 3)
+    torch.testing.assert_close(netsim.soft_density(model, xs, reference=ref),
+                               netsim.similarity(model, xs, ref).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def _loop_counts(kc, tau, alpha):
+    """Plain loops over pairs: the reference for the vectorised estimators."""
+    n = kc.shape[0]
+    hard, pos = torch.zeros(n), torch.zeros(n)
+    for i in range(n):
+        for j in range(n):
+            if i != j and kc[i, j] >= tau:
+                hard[i] += 1
+            if i != j and kc[i, j] > 0:
+                pos[i] += kc[i, j] ** alpha
+    return hard, pos
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 10**6), tau=st.floats(0, 1), alpha=st.floats(0.1, 4))
+def test_vectorised_estimators_equal_pair_loops(seed, tau, alpha):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.rand(9, 9, generator=g) * 2 - 1
+    kc = (kc + kc.T) / 2
+    kc.fill_diagonal_(1.0)
+    hard, pos = _loop_counts(kc, tau, alpha)
+    torch.testing.assert_close(density.hard_count(kc, tau), hard)
+    torch.testing.assert_close(density.positive_count(kc, alpha), pos)
+    torch.testing.assert_close(density.soft_count(kc), kc.sum(1))
+
+
+def test_integral_of_hard_counts_over_tau_is_the_positive_count():
+    """int_0^1 N_tau dtau = N_1^+ (section 4.1), on a fine midpoint grid."""
+    model = mlp(d_out=1, seed=11)
+    kc = netsim.similarity(model, torch.randn(60, 3))
+    steps = 20_000
+    taus = (torch.arange(steps) + 0.5) / steps
+    integral = sum(density.hard_count(kc, float(t)) for t in taus) / steps
+    torch.testing.assert_close(integral, density.positive_count(kc, 1.0), atol=60 / steps, rtol=0)
+
+
+def test_soft_count_is_positive_count_plus_self_when_no_cosine_is_negative():
+    """A net whose every gradient entry is positive (positive inputs and output weights, softplus)
+    has no negative k^C: then N_S = N_1^+ + 1 exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Softplus(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[2].weight.abs_()
+    xs = torch.rand(50, 2) + 0.1
+    kc = netsim.similarity(model, xs)
+    assert kc.min() > 0
+    torch.testing.assert_close(density.soft_count(kc), density.positive_count(kc, 1.0) + 1)
+    torch.testing.assert_close(netsim.soft_density(model, xs), density.positive_count(kc, 1.0) + 1,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_neighbour_counts_dispatch():
+    model = mlp(d_out=1, seed=12)
+    xs = torch.randn(30, 3)
+    kc = netsim.similarity(model, xs)
+    torch.testing.assert_close(netsim.neighbour_counts(model, xs, estimator="hard", tau=0.5),
+                               density.hard_count(kc, 0.5))
+    torch.testing.assert_close(netsim.neighbour_counts(model, xs, estimator="positive", alpha=3),
+                               density.positive_count(kc, 3), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(netsim.neighbour_counts(model, xs, estimator="soft"), kc.sum(1),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.01, float("nan")])
+def test_tau_outside_unit_interval_is_an_error(tau):
+    with pytest.raises(ValueError, match="tau"):
+        density.hard_count(torch.eye(3), tau)
+    with pytest.raises(ValueError, match="tau"):
+        netsim.neighbour_counts(mlp(), torch.randn(3, 3), estimator="hard", tau=tau)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan")])
+def test_non_positive_alpha_is_an_error(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        density.positive_count(torch.eye(3), alpha)
+
+
+def test_unknown_estimator_is_an_error():
+    with pytest.raises(ValueError, match="estimator"):
+        netsim.neighbour_counts(mlp(), torch.randn(3, 3), estimator="knn")
+
+
+def test_all_counts_names_and_values():
+    kc = netsim.similarity(mlp(d_out=1, seed=13), torch.randn(20, 3))
+    counts = density.all_counts(kc, taus=(0.5, 0.9), alphas=(2,))
+    assert list(counts) == ["N_S", "N_tau=0.5", "N_tau=0.9", "N_alpha=2^+"]
+    torch.testing.assert_close(counts["N_tau=0.9"], density.hard_count(kc, 0.9))
+    torch.testing.assert_close(counts["N_alpha=2^+"], density.positive_count(kc, 2))

@@ -1,0 +1,97 @@
+"""Similarity-enforcing training criteria (paper section 5), differentiable by double backprop.
+
+- `pair_loss`: -k^C(x, x'), asks the network to see two given inputs as similar.
+- `group_loss`: compares the batch-mean gradients mu_1, mu_2 of two mini-batches drawn from a
+  set that should be seen as similar (one class):
+
+  * "paper":   n_B ||mu_1 - mu_2||^2 / (||mu_1|| ||mu_2||)   (the paper's criterion)
+  * "neg_cos": -cos(mu_1, mu_2)                              (same aim, scale-free)
+  * "pos_cos": +cos(mu_1, mu_2)                              (the sign in the authors' released
+    code: it pushes same-class gradients apart, the opposite of the text; an ablation)
+
+  The factor n_B counterbalances the 1/sqrt(n_B) shrinking of the batch-mean's noise.
+
+The gradients are those of a scalar output per sample (d = 1), e.g. the binarised classifier
+output `netsim.outputs.class_vs_rest`. `group_criterion` holds the formulas once; the autograd
+functions here and the vectorised trainer of the MNIST experiment both call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .grads import OutputFn, trainable_parameters
+
+CRITERIA = ("paper", "neg_cos", "pos_cos")
+
+
+def group_criterion(mu1: Tensor, mu2: Tensor, n_b: int, criterion: str = "paper") -> Tensor:
+    """The group criterion between two flat batch-mean gradients `(p,)`, a scalar.
+
+    A pure formula (no data-dependent branch), so it also runs under `torch.func` transforms;
+    callers check that neither gradient is zero (`batch_mean_gradient` does).
+
+    Raises:
+        ValueError: unknown criterion.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    n1, n2 = mu1.norm(), mu2.norm()
+    if criterion == "paper":
+        return n_b * (mu1 - mu2).pow(2).sum() / (n1 * n2)
+    cos = (mu1 * mu2).sum() / (n1 * n2)
+    return -cos if criterion == "neg_cos" else cos
+
+
+def batch_mean_gradient(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+                        targets: Tensor | None = None) -> Tensor:
+    """mu = grad_theta (1/n) sum_i f(x_i), flat `(p,)`, kept in the graph (create_graph=True).
+
+    Args:
+        model: the network being trained.
+        inputs: `(n, ...)` one mini-batch.
+        output_fn: maps the raw output batch to `(n, 1)` or `(n,)` (d = 1), called with targets
+            when given.
+    """
+    params = list(trainable_parameters(model).values())
+    out = model(inputs)
+    if output_fn is not None:
+        out = output_fn(out) if targets is None else output_fn(out, targets)
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.ndim != 1 or out.shape[0] != inputs.shape[0]:
+        raise ValueError(f"enforcing criteria need one scalar output per sample (d = 1), got {tuple(out.shape)}; "
+                         "binarise a classifier with netsim.outputs.class_vs_rest")
+    grads = torch.autograd.grad(out.mean(), params, create_graph=True, allow_unused=True)
+    mu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    if not bool(mu.detach().any()):
+        raise ValueError("the batch-mean gradient is zero: the criteria compare gradient directions")
+    return mu
+
+
+def pair_loss(model: nn.Module, x1: Tensor, x2: Tensor, *, output_fn: OutputFn | None = None,
+              targets1: Tensor | None = None, targets2: Tensor | None = None) -> Tensor:
+    """-k^C(x1, x2) for one pair of single inputs `(1, ...)`, differentiable w.r.t. the parameters."""
+    if x1.shape[0] != 1 or x2.shape[0] != 1:
+        raise ValueError("pair_loss compares two single inputs: pass (1, ...) tensors")
+    g1 = batch_mean_gradient(model, x1, output_fn, targets1)
+    g2 = batch_mean_gradient(model, x2, output_fn, targets2)
+    return group_criterion(g1, g2, 1, "neg_cos")
+
+
+def group_loss(model: nn.Module, batch1: Tensor, batch2: Tensor, *, criterion: str = "paper",
+               output_fn: OutputFn | None = None, targets1: Tensor | None = None,
+               targets2: Tensor | None = None) -> Tensor:
+    """The group criterion between two mini-batches `(n_B, ...)` of one similar set.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> loss = group_loss(net, torch.randn(3, 4), torch.randn(3, 4))
+        >>> loss.backward()          # double backprop: gradients of a function of gradients
+    """
+    if batch1.shape[0] != batch2.shape[0]:
+        raise ValueError(f"the two batches must have the same size n_B, got {batch1.shape[0]} and {batch2.shape[0]}")
+    mu1 = batch_mean_gradient(model, batch1, output_fn, targets1)
+    mu2 = batch_mean_gradient(model, batch2, output_fn, targets2)
+    return group_criterion(mu1, mu2, batch1.shape[0], criterion)

@@ -12,23 +12,33 @@ from netsim import density, outputs
 from conftest import SmallCNN, mlp
 
 
+METHODS = ("jacobian", "layerwise")
+
+
+def _dense_rows(model, xs, **kw):
+    """The reference: row sums of k^C computed from materialised Jacobians."""
+    return netsim.similarity_from_jacobians(netsim.per_sample_grads(model, xs, **kw)).sum(1)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("d", [1, 2])
-def test_fast_soft_estimate_equals_dense_row_sums(d):
+def test_fast_soft_estimate_equals_dense_row_sums(d, method):
     model = mlp(d_out=d, seed=d)
     xs = torch.randn(40, 3)
-    dense = netsim.similarity(model, xs).sum(1)
-    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7), dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7, method=method), _dense_rows(model, xs),
+                               rtol=1e-4, atol=1e-4)
 
 
-def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn():
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn(method):
     model = mlp(d_out=5, hidden=12, seed=4)
     xs = torch.randn(30, 3)
-    dense = netsim.similarity(model, xs, output_fn=outputs.neg_log_softmax).sum(1)
-    fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8)
+    dense = _dense_rows(model, xs, output_fn=outputs.neg_log_softmax)
+    fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8, method=method)
     torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-4)
     cnn = SmallCNN(d_out=2).eval()
     images = torch.randn(20, 1, 8, 8)
-    torch.testing.assert_close(netsim.soft_density(cnn, images), netsim.similarity(cnn, images).sum(1),
+    torch.testing.assert_close(netsim.soft_density(cnn, images, method=method), _dense_rows(cnn, images),
                                rtol=1e-4, atol=1e-4)
 
 

@@ -9,8 +9,9 @@ from netsim import diagnostics
 from conftest import mlp
 
 
+@pytest.mark.parametrize("method", ["jacobian", "layerwise"])
 @pytest.mark.parametrize("d", [1, 2])
-def test_uncertainty_factor_matches_dense_formula(d):
+def test_uncertainty_factor_matches_dense_formula(d, method):
     model = mlp(d_out=d, seed=20 + d)
     with torch.no_grad():  # a shared positive component keeps sum_x' k^I > 0, as with an output bias
         model[-1].bias.fill_(0.0)
@@ -18,7 +19,7 @@ def test_uncertainty_factor_matches_dense_formula(d):
     K = netsim.similarity(model, xs, kind="inner", reduce="none").double()     # (N, N, d, d)
     own = torch.diagonal(K[torch.arange(25), torch.arange(25)], dim1=-2, dim2=-1).sum(-1)
     total = torch.diagonal(K.sum(1), dim1=-2, dim2=-1).sum(-1)
-    torch.testing.assert_close(diagnostics.uncertainty_factor(model, xs, chunk_size=6).double(),
+    torch.testing.assert_close(diagnostics.uncertainty_factor(model, xs, chunk_size=6, method=method).double(),
                                own / total, rtol=1e-4, atol=1e-6)
 
 
@@ -33,14 +34,15 @@ def test_uncertainty_factor_rejects_non_positive_totals():
         diagnostics.uncertainty_factor(model, x, reference=-x)
 
 
+@pytest.mark.parametrize("method", ["jacobian", "layerwise"])
 @pytest.mark.parametrize("d", [1, 2])
-def test_kernel_average_matches_dense_per_sample_solve(d):
+def test_kernel_average_matches_dense_per_sample_solve(d, method):
     model = mlp(d_out=d, seed=30 + d)
     xs, queries = torch.randn(20, 3), torch.randn(6, 3)
     values = torch.randn(20, d)
     K = netsim.similarity(model, queries, xs, kind="inner", reduce="none").double()  # (Q, N, d, d)
     expected = torch.linalg.solve(K.sum(1), torch.einsum("qnab,nb->qa", K, values.double()))
-    got = diagnostics.kernel_average(model, xs, values, queries=queries, chunk_size=7)
+    got = diagnostics.kernel_average(model, xs, values, queries=queries, chunk_size=7, method=method)
     torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-4)
 
 

@@ -91,3 +91,11 @@ def test_training_mode_batchnorm_is_an_error():
 def test_targets_of_wrong_length_are_an_error():
     with pytest.raises(ValueError, match="one per sample"):
         netsim.per_sample_grads(mlp(d_out=3), torch.randn(4, 3), outputs.class_vs_rest, targets=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_prelu_after_convolution_matches_reference_loop(d):
+    """Regression: vmap over a vmapped jacrev broke on PReLU after a convolution (torch 2.13)."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.PReLU(3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, d))
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(netsim.per_sample_grads(model, x), reference_jacobians(model, x), rtol=1e-5, atol=1e-6)

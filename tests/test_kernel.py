@@ -64,26 +64,32 @@ def reference_reduce(mats, ranks, kind, reduce):
     return tr.max(-1) / norm
 
 
+METHODS = ("jacobian", "layerwise")
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reduce", ["trace", "rot", "none"])
-def test_streaming_similarity_matches_per_pair_reference(kind, reduce):
+def test_streaming_similarity_matches_per_pair_reference(kind, reduce, method):
     model = mlp(d_out=2, seed=3)
     xs, ys = torch.randn(9, 3), torch.randn(5, 3)
     Jx, Jy = netsim.per_sample_grads(model, xs), netsim.per_sample_grads(model, ys)
     mats, ranks = reference_matrix(Jx, Jy, kind)
     expected = torch.from_numpy(reference_reduce(mats, ranks, kind, reduce)).float()
-    got = netsim.similarity(model, xs, ys, kind=kind, reduce=reduce, chunk_size=2, max_block_bytes=1)
+    got = netsim.similarity(model, xs, ys, kind=kind, reduce=reduce, chunk_size=2, max_block_bytes=1, method=method)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4 if reduce == "rot" else 1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reduce", ["trace", "none"])
-def test_symmetric_blocks_equal_the_dense_path(kind, reduce):
+def test_symmetric_blocks_equal_the_dense_path(kind, reduce, method):
     model = SmallCNN(d_out=2).eval()
     xs = torch.randn(13, 1, 8, 8)
     dense = netsim.similarity_from_jacobians(netsim.per_sample_grads(model, xs), kind=kind, reduce=reduce)
     for block in (1, 10**9):  # many row blocks (mirrored triangle) and a single block
-        got = netsim.similarity(model, xs, kind=kind, reduce=reduce, chunk_size=3, max_block_bytes=block)
+        got = netsim.similarity(model, xs, kind=kind, reduce=reduce, chunk_size=3, max_block_bytes=block,
+                                method=method)
         torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
 
 
@@ -236,6 +242,16 @@ def _shifted(model, flat_step):
 
 # --- classification: singular self-kernels ----------------------------------------------
 
+def test_auto_method_falls_back_to_jacobians_for_tied_weights():
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    tied[2].weight = tied[0].weight
+    xs = torch.randn(6, 3)
+    dense = netsim.similarity_from_jacobians(netsim.per_sample_grads(tied, xs))
+    torch.testing.assert_close(netsim.similarity(tied, xs), dense, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shared"):
+        netsim.similarity(tied, xs, method="layerwise")
+
+
 def test_classification_self_kernel_has_rank_d_minus_one_and_unit_self_similarity():
     model = mlp(d_out=10, hidden=16, seed=8)
     xs = torch.randn(12, 3)
@@ -314,7 +330,8 @@ def test_empty_second_set_is_an_error():
 # --- memory: a 5k x 5k similarity without holding the gradient matrix ----------------------
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, torch, netsim
+    import json, resource, sys, torch, netsim
+    method = sys.argv[1]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
@@ -324,9 +341,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
         for line in open('/proc/self/status'):
             if line.startswith('VmRSS'):
                 return int(line.split()[1]) / 1024
-    netsim.similarity(model, xs[:100])      # warm up allocator and vmap
+    netsim.similarity(model, xs[:100], method=method)      # warm up allocator and vmap
     base = rss_mb()
-    k = netsim.similarity(model, xs, chunk_size=32, max_block_bytes=64 * 2**20)
+    k = netsim.similarity(model, xs, chunk_size=32, max_block_bytes=64 * 2**20, method=method)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(p=netsim.num_parameters(model), base=base, peak=peak,
                           diag=float(k.diagonal().min()), finite=bool(torch.isfinite(k).all()))))
@@ -334,14 +351,28 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.memory
-def test_large_similarity_stays_in_bounded_memory():
+@pytest.mark.parametrize("method", ["jacobian", "layerwise"])
+def test_large_similarity_stays_in_bounded_memory(method):
     """5000 x 5000 k^C of a ~100k-parameter MLP: the gradient matrix alone would be 2 GB (float32);
     the streamed computation (64 MB row blocks, 32-sample chunks, a 100 MB result) must stay
-    within 400 MB above the warmed-up process."""
-    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
+    within 400 MB above the warmed-up process, on either engine."""
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, method], capture_output=True, text=True, check=True)
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     assert 90_000 < stats["p"] < 110_000
     assert stats["finite"] and stats["diag"] > 0.9999
     gradient_matrix_mb = 5000 * stats["p"] * 4 / 2**20
     assert gradient_matrix_mb > 1800
     assert stats["peak"] - stats["base"] < 400, stats
+
+
+def test_remove_shared_direction_projects_out_the_mean_normalised_gradient():
+    from netsim.kernel import remove_shared_direction
+
+    J = netsim.per_sample_grads(mlp(d_out=2, seed=10), torch.randn(30, 3)).double()
+    P = remove_shared_direction(J)
+    shared = (J / J.norm(dim=2, keepdim=True)).mean(0)
+    assert (P * shared).sum(2).abs().max() < 1e-10                     # orthogonal to it
+    # a component common to every gradient is removed entirely
+    common = torch.randn(1, 1, J.shape[2], dtype=J.dtype)
+    spread = torch.randn_like(J) * 1e-3
+    assert remove_shared_direction(common + spread).norm() < 0.05 * (common + spread).norm()

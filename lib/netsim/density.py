@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .grads import OutputFn, iter_jacobians
-from .kernel import _prepare, similarity
+from .distributed import all_reduce_, gather_rows, shard
+from .engine import engine_for
+from .grads import OutputFn
+from .kernel import ZeroGradientError, psd_power, similarity
 
 ESTIMATORS = ("hard", "soft", "positive")
 
@@ -108,24 +110,29 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
     return counts_from_kernel(kc, estimator, tau=tau, alpha=alpha)
 
 
-def _normalised(J: Tensor, rtol: float | None, on_zero: str, offset: int) -> tuple[Tensor, Tensor]:
+def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
     """Q / sqrt(rank) with Q = K(x,x)^-1/2 J, so that k^C(x, x') = <Q_x, Q_x'>_F / sqrt(r r')
     becomes a plain Frobenius product of these scaled factors."""
-    Q, rank = _prepare(J, "correlation", rtol, on_zero, offset)
-    scale = torch.where(rank > 0, rank.to(J.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=J.dtype))
-    return Q * scale[:, None, None], rank
+    k_self = engine.self_gram(rep)
+    factor, rank = psd_power(k_self, -0.5, rtol)
+    if on_zero == "raise" and bool((rank == 0).any()):
+        raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
+    scale = torch.where(rank > 0, rank.to(k_self.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=k_self.dtype))
+    return engine.transform(rep, factor * scale[:, None, None])
 
 
 def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
                  output_fn: OutputFn | None = None, targets: Tensor | None = None,
                  reference_targets: Tensor | None = None, chunk_size: int | None = None,
-                 rtol: float | None = None, on_zero: str = "raise") -> Tensor:
+                 rtol: float | None = None, on_zero: str = "raise", method: str = "auto",
+                 process_group=None) -> Tensor:
     """The soft neighbour count N_S(x) = sum_x' k^C(x, x') without any N x N matrix.
 
     Two passes (paper section 4.2): first A = sum_x' Q(x') over the reference set, with
     Q(x') = K(x',x')^-1/2 J(x') / sqrt(rank) (for d = 1 simply g(x') / ||g(x')||); then
-    N_S(x) = <Q(x), A>_F for every query. Time O((N + M) d^2 p), memory O(chunk d p + d p):
-    the gradient matrix is never held.
+    N_S(x) = Tr(Q(x) A^T) for every query. Memory O(chunk + |A|), independent of N: the
+    gradient matrix is never held. With the layer-wise engine (`method="auto"` on ordinary
+    models) A is kept per layer and both passes cost about d forward/backward passes.
 
     Args:
         model: the trained network.
@@ -134,23 +141,45 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
             count includes the self term k^C(x, x) = 1).
         output_fn, targets, reference_targets: see `per_sample_grads`.
         chunk_size: samples per Jacobian evaluation.
-        rtol, on_zero: see `netsim.similarity`.
+        rtol, on_zero, method: see `netsim.similarity`.
+        process_group: a `torch.distributed` group: every rank passes the same inputs, works
+            on its shard of the reference set (sums all-reduced) and of the queries (counts
+            all-gathered), and returns the full result (`netsim.distributed`).
 
     Returns:
         `(N,)` soft counts.
     """
     if reference is None:
         reference, reference_targets = xs, targets
-    total = None
-    for start, J in iter_jacobians(model, reference, output_fn, chunk_size, reference_targets):
-        Q, _ = _normalised(J, rtol, on_zero, start)
-        part = Q.sum(0)
-        total = part if total is None else total + part
+    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
+    ref_rows = query_rows = slice(None)
+    if process_group is not None:
+        ref_rows, query_rows = shard(len(reference), process_group), shard(len(xs), process_group)
+    if len(reference[ref_rows]) == 0:  # an empty shard adds zeros of the right structure
+        probe = _normalised_sums(engine, reference[:1], None if reference_targets is None else reference_targets[:1],
+                                 rtol, on_zero, 0)
+        total = [t * 0 if isinstance(t, Tensor) else tuple(None if u is None else u * 0 for u in t) for t in probe]
+    else:
+        total = _normalised_sums(engine, reference[ref_rows],
+                                 None if reference_targets is None else reference_targets[ref_rows],
+                                 rtol, on_zero, ref_rows.start or 0)
+    if process_group is not None:
+        all_reduce_(engine.sum_tensors(total), process_group)
     counts = []
-    for start, J in iter_jacobians(model, xs, output_fn, chunk_size, targets):
-        Q, _ = _normalised(J, rtol, on_zero, start)
-        counts.append(torch.einsum("nap,ap->n", Q, total))
-    return torch.cat(counts)
+    queries, query_targets = xs[query_rows], None if targets is None else targets[query_rows]
+    for start, rep in (engine.chunks(queries, query_targets) if len(queries) else ()):
+        products = engine.dot_with_sums(_normalised(engine, rep, rtol, on_zero, start), total)
+        counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
+    local = torch.cat(counts) if counts else xs.new_zeros(0)
+    return local if process_group is None else gather_rows(local, len(xs), process_group)
+
+
+def _normalised_sums(engine, inputs: Tensor, targets, rtol, on_zero: str, offset: int) -> list:
+    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `inputs`, per layer."""
+    total = None
+    for start, rep in engine.chunks(inputs, targets):
+        total = engine.add_sums(total, engine.summed(_normalised(engine, rep, rtol, on_zero, offset + start)))
+    return total
 
 
 def estimator_name(estimator: str, *, tau: float | None = None, alpha: float | None = None) -> str:

@@ -20,31 +20,21 @@ import torch
 from torch import Tensor, nn
 
 from .density import soft_count
-from .grads import OutputFn, iter_jacobians, output_dim
-
-
-def _jacobian_sums(model, xs, output_fn, targets, chunk_size, values=None):
-    """First pass: S = sum_x' J(x') `(d, p)` and, if values `(N, d)` are given,
-    B = sum_x' J(x')^T a(x') `(p,)`."""
-    S = B = None
-    for start, J in iter_jacobians(model, xs, output_fn, chunk_size, targets):
-        s = J.sum(0)
-        S = s if S is None else S + s
-        if values is not None:
-            b = torch.einsum("nap,na->p", J, values[start:start + J.shape[0]].to(J.dtype))
-            B = b if B is None else B + b
-    return S, B
+from .engine import engine_for
+from .grads import OutputFn, output_dim, trainable_parameters
 
 
 def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
                        output_fn: OutputFn | None = None, targets: Tensor | None = None,
-                       reference_targets: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+                       reference_targets: Tensor | None = None, chunk_size: int | None = None,
+                       method: str = "auto") -> Tensor:
     """||grad f(x)||^2 / sum_x' k^I(x, x') for every x in `xs`. `(N, ...) -> (N,)`.
 
     For d > 1 both sides are traces: Tr K(x, x) / Tr sum_x' K(x, x'). A large value means that
     f(x) could have been set to many values without disturbing the training of the other
     points: an uncertain prediction. The reference set (default `xs`, self term included) is
-    the training set whose disturbance is measured.
+    the training set whose disturbance is measured. Two passes: S = sum_x' J(x'), then
+    Tr J(x) S^T.
 
     Raises:
         ValueError: where sum_x' k^I(x, x') <= 0 (the quick approximation of the paper is then
@@ -52,11 +42,14 @@ def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None
     """
     if reference is None:
         reference, reference_targets = xs, targets
-    S, _ = _jacobian_sums(model, reference, output_fn, reference_targets, chunk_size)
+    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
+    S = None
+    for _, rep in engine.chunks(reference, reference_targets):
+        S = engine.add_sums(S, engine.summed(rep))
     factors = []
-    for start, J in iter_jacobians(model, xs, output_fn, chunk_size, targets):
-        own = (J * J).sum((1, 2))
-        total = torch.einsum("nap,ap->n", J, S)
+    for start, rep in engine.chunks(xs, targets):
+        own = engine.self_gram(rep).diagonal(dim1=-2, dim2=-1).sum(-1)
+        total = engine.dot_with_sums(rep, S).diagonal(dim1=-2, dim2=-1).sum(-1)
         bad = torch.nonzero(total <= 0).flatten()
         if len(bad):
             raise ValueError(f"sum_x' k^I(x, x') <= 0 for samples {(bad + start).tolist()[:20]}: the "
@@ -67,11 +60,13 @@ def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None
 
 def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Tensor | None = None,
                    output_fn: OutputFn | None = None, targets: Tensor | None = None,
-                   query_targets: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+                   query_targets: Tensor | None = None, chunk_size: int | None = None,
+                   method: str = "auto") -> Tensor:
     """E_k[a](x) = (sum_j K(x, x_j))^-1 sum_j K(x, x_j) a_j, un-normalised d x d kernels.
 
-    Two passes: S = sum_j J_j and B = sum_j J_j^T a_j, then sum_j K(x, x_j) = J(x) S^T and
-    sum_j K(x, x_j) a_j = J(x) B. Time O((N + Q) d p), memory O(chunk d p).
+    Two passes: S = sum_j J_j and B = sum_j a_j^T J_j, then sum_j K(x, x_j) = J(x) S^T and
+    sum_j K(x, x_j) a_j = J(x) B^T. Time O((N + Q) d p), memory O(chunk d p) -- less with the
+    layer-wise engine.
 
     Args:
         model: trained network.
@@ -90,12 +85,18 @@ def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Ten
         raise ValueError(f"values must have d = {d} columns (the output dimension), got {values.shape[1]}")
     if queries is None:
         queries, query_targets = xs, targets
-    S, B = _jacobian_sums(model, xs, output_fn, targets, chunk_size, values)
+    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
+    dtype = next(iter(trainable_parameters(model).values())).dtype
+    S = B = None
+    for start, rep in engine.chunks(xs, targets):
+        a = values[start:start + engine.size(rep)].to(dtype)
+        S = engine.add_sums(S, engine.summed(rep))
+        B = engine.add_sums(B, engine.summed(engine.transform(rep, a.unsqueeze(1))))   # rows a_j^T J_j
     out = []
-    for _, J in iter_jacobians(model, queries, output_fn, chunk_size, query_targets):
-        total_k = J @ S.T                       # (n, d, d) sum_j K(x, x_j)
-        weighted = J @ B                        # (n, d)    sum_j K(x, x_j) a_j
-        out.append(torch.linalg.solve(total_k.double(), weighted.double()).to(J.dtype))
+    for _, rep in engine.chunks(queries, query_targets):
+        total_k = engine.dot_with_sums(rep, S)              # (n, d, d) sum_j K(x, x_j)
+        weighted = engine.dot_with_sums(rep, B)[..., 0]     # (n, d)    sum_j K(x, x_j) a_j
+        out.append(torch.linalg.solve(total_k.double(), weighted.double()).to(total_k.dtype))
     return torch.cat(out)
 
 

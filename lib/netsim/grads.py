@@ -108,9 +108,12 @@ def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_t
             out = output_fn(out) if t is None else output_fn(out, t.unsqueeze(0))
         return _as_output_matrix(out, 1)[0]
 
+    # chunk_size=1: one vjp per output row instead of a vmap over rows. Nested vmaps (rows
+    # inside samples) hit broken batching rules, e.g. PReLU after a convolution in torch 2.13;
+    # d is small, so the loop costs little.
     if with_targets:
-        return jacrev(output)
-    return jacrev(lambda params, x: output(params, x))
+        return jacrev(output, chunk_size=1)
+    return jacrev(lambda params, x: output(params, x), chunk_size=1)
 
 
 def iter_jacobians(

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .grads import (DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, output_dim,
-                    trainable_parameters)
+from .distributed import gather_rows, shard
+from .engine import JacobianEngine, engine_for
+from .grads import OutputFn, output_dim, trainable_parameters
 
 KINDS = ("inner", "influence", "correlation")
 REDUCTIONS = ("trace", "rot", "none")
@@ -94,37 +95,38 @@ def psd_power(k_self: Tensor, power: float, rtol: float | None = None) -> tuple[
     return out.to(k_self.dtype), keep.sum(-1)
 
 
-def _prepare(J: Tensor, kind: str, rtol: float | None, on_zero: str, offset: int) -> tuple[Tensor, Tensor]:
+def _prepare(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
+             engine=JacobianEngine) -> tuple[object, Tensor]:
     """Left factors applied to one side's Jacobians, and the ranks used by the reductions.
 
-    Returns `(Q, rank)`: Q `(n, d, p)` is K(x,x)^-1/2 J (correlation), K(x,x)^+ J (influence) or
-    J (inner); rank `(n,)` is rank K(x, x) (d for inner, where no normalisation happens).
+    Args:
+        rep: Jacobians of n samples in the engine's representation (`(n, d, p)` by default).
+
+    Returns `(Q, rank)`: Q is K(x,x)^-1/2 J (correlation), K(x,x)^+ J (influence) or J (inner),
+    in the same representation; rank `(n,)` is rank K(x, x) (d for inner: no normalisation).
     """
-    n, d, _ = J.shape
+    k_self = engine.self_gram(rep)
+    n, d = k_self.shape[:2]
     if kind == "inner":
-        return J, torch.full((n,), d, device=J.device)
-    k_self = J @ J.transpose(1, 2)
+        return rep, torch.full((n,), d, device=k_self.device)
     factor, rank = psd_power(k_self, -0.5 if kind == "correlation" else -1.0, rtol)
     if on_zero == "raise" and bool((rank == 0).any()):
         raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
-    return factor @ J, rank
+    return engine.transform(rep, factor), rank
 
 
-def _block(Qx: Tensor, Qy: Tensor, kind: str, reduce: str) -> Tensor:
+def _block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
     """`(bx, by)` reduced or `(bx, by, d, d)` full kernel block between prepared chunks.
 
-    For "trace" the d x d blocks are never formed: Tr(A B^T) is one flattened dot product,
-    so a single `(bx, d p) x (d p, by)` GEMM gives the whole block.
+    For "trace" the d x d blocks are never formed: Tr(A B^T) is a flattened dot product.
     """
-    bx, d, p = Qx.shape
-    by = Qy.shape[0]
     if reduce == "trace":
-        return Qx.reshape(bx, d * p) @ Qy.reshape(by, d * p).T
-    gram = (Qx.reshape(bx * d, p) @ Qy.reshape(by * d, p).T).reshape(bx, d, by, d)
+        return engine.gram(Qx, Qy, trace=True)
+    gram = engine.gram(Qx, Qy, trace=False)           # [i, j, a, b] = Qx_i^a . Qy_j^b
     if kind == "influence":
         # K(y, x) K(x, x)^+ = J_y (K(x, x)^+ J_x)^T: rows index y's outputs, columns x's.
-        return gram.permute(0, 2, 3, 1)
-    return gram.permute(0, 2, 1, 3)
+        return gram.transpose(-1, -2)
+    return gram
 
 
 def _reduce(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: Tensor) -> Tensor:
@@ -154,12 +156,13 @@ def _validate(kind: str, reduce: str, on_zero: str, d: int) -> None:
         raise ValueError(f"reduce='rot' is the rotation-invariant kernel of 2-D outputs; here d = {d}")
 
 
-def _prepare_columns(Jy: Tensor, kind: str, rtol, on_zero, offset: int) -> tuple[Tensor, Tensor]:
+def _prepare_columns(rep, kind: str, rtol, on_zero, offset: int, engine=JacobianEngine) -> tuple[object, Tensor]:
     """The column side: influence only normalises by the row input x, so J_y stays raw
     (a point with zero gradient is simply not moved by anything)."""
     if kind == "influence":
-        return Jy, torch.full((Jy.shape[0],), Jy.shape[1], device=Jy.device)
-    return _prepare(Jy, kind, rtol, on_zero, offset)
+        n = engine.size(rep)
+        return rep, torch.full((n,), 1, device="cpu")
+    return _prepare(rep, kind, rtol, on_zero, offset, engine)
 
 
 def similarity_from_jacobians(
@@ -189,18 +192,18 @@ def similarity_from_jacobians(
     return _reduce(_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
 
 
-def _prepared_rows(chunks, rows: int, d: int, p: int, like: Tensor, kind: str, rtol, on_zero: str,
-                   offset: int) -> tuple[Tensor, Tensor]:
-    """Prepared Jacobians of a row block, written chunk by chunk into one preallocated buffer
-    (no list of chunks, no concatenated copy, no separate normalised copy)."""
-    Q = torch.empty((rows, d, p), dtype=like.dtype, device=like.device)
-    rank = torch.empty((rows,), dtype=torch.long, device=like.device)
-    for start, J in chunks:
-        i = start - offset
-        Q[i:i + J.shape[0]], rank[i:i + J.shape[0]] = _prepare(J, kind, rtol, "zero", start)
+def _prepared_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int) -> tuple[object, Tensor]:
+    """Prepared Jacobians of a row block, normalised chunk by chunk; all zero-gradient samples
+    of the block are named at once."""
+    reps, ranks = [], []
+    for start, rep in chunks:
+        Q, rank = _prepare(rep, kind, rtol, "zero", start, engine)
+        reps.append(Q)
+        ranks.append(rank)
+    rank = torch.cat(ranks)
     if on_zero == "raise" and kind != "inner" and bool((rank == 0).any()):
         raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
-    return Q, rank
+    return engine.cat(reps), rank
 
 
 def _transpose_block(block: Tensor, reduce: str) -> Tensor:
@@ -223,16 +226,19 @@ def similarity(
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     rtol: float | None = None,
     on_zero: str = "raise",
+    method: str = "auto",
     progress: bool = False,
+    process_group=None,
 ) -> Tensor:
     """The similarity k(x, y) of every x in `xs` to every y in `ys`, streamed in blocks.
 
-    Rows are processed in blocks whose Jacobians fit in `max_block_bytes`; for each block the
-    columns stream by in chunks of `chunk_size` samples. Memory is therefore
-    O(max_block_bytes + chunk_size d p + N M d^2) whatever N and M: the `(N + M, d, p)`
-    gradient matrix is never held. The price is recomputing the columns' Jacobians once per row
-    block (ceil(N d p * 4 bytes / max_block_bytes) times). When `ys` is None and the kind is
-    symmetric, only the upper block triangle is computed and mirrored.
+    Rows are processed in blocks whose Jacobian representation fits in `max_block_bytes`; for
+    each block the columns stream by in chunks of `chunk_size` samples. Memory is therefore
+    O(max_block_bytes + chunk + N M d^2) whatever N and M: the `(N + M, d, p)` gradient matrix
+    is never held. The price is recomputing the columns' Jacobians once per row block. With the
+    layer-wise engine a sample costs O(sum of layer widths) instead of O(p), so row blocks are
+    large and Linear-layer blocks cost O(n m (in + out)) instead of O(n m in out). When `ys` is
+    None and the kind is symmetric, only the upper block triangle is computed and mirrored.
 
     Args:
         model: the trained network (BatchNorm/Dropout in eval mode).
@@ -247,7 +253,11 @@ def similarity(
         rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x).
         on_zero: "raise" (default) on samples with a zero gradient; "zero" gives them
             similarity 0 (not meaningful for "inner", which needs no normalisation).
+        method: "auto" (per-layer rules when the model allows, see `netsim.engine`),
+            "layerwise" or "jacobian" (full per-sample Jacobians: any model).
         progress: show a tqdm bar over the column evaluations.
+        process_group: a `torch.distributed` group: every rank passes the same inputs, computes
+            the rows of its shard of `xs` and returns the full matrix (rows all-gathered).
 
     Returns:
         `(N, M)` tensor for "trace"/"rot"; `(N, M, d, d)` for "none".
@@ -258,6 +268,10 @@ def similarity(
         >>> k.shape, torch.allclose(k.diagonal(), torch.ones(6), atol=1e-5)
         (torch.Size([6, 6]), True)
     """
+    if process_group is not None:
+        return _sharded_similarity(model, xs, ys, x_targets, y_targets, process_group, dict(
+            kind=kind, reduce=reduce, output_fn=output_fn, chunk_size=chunk_size, max_block_bytes=max_block_bytes,
+            rtol=rtol, on_zero=on_zero, method=method, progress=progress))
     symmetric = ys is None and kind != "influence"
     if ys is None:
         ys, y_targets = xs, x_targets
@@ -265,40 +279,81 @@ def similarity(
     _validate(kind, reduce, on_zero, d)
     if ys.shape[0] == 0:
         raise ValueError("ys is empty: nothing to compare with")
-    p = num_parameters(model)
-    chunk = chunk_size or DEFAULT_CHUNK
+    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
     n, m = xs.shape[0], ys.shape[0]
     first = next(iter(trainable_parameters(model).values()))
-    rows_per_block = max(chunk, max_block_bytes // (d * p * first.element_size()))
+    per_sample = (engine.bytes_per_sample(d, first.element_size(), xs[:2], None if x_targets is None else x_targets[:2])
+                  if engine.name == "layerwise" else engine.bytes_per_sample(d, first.element_size()))
+    # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
+    # (rows x rows on the diagonal): both must fit the budget.
+    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
+    rows_per_block = max(engine.chunk, min(max_block_bytes // max(per_sample, 1), square))
     shape = (n, m) if reduce != "none" else (n, m, d, d)
     out = torch.empty(shape, dtype=first.dtype, device=first.device)
     n_blocks = math.ceil(n / rows_per_block)
     columns_total = sum(m - (b * rows_per_block if symmetric else 0) for b in range(n_blocks))
-    bar = tqdm(total=n + columns_total, desc=f"k^{kind}", unit="grad", disable=not progress)
+    bar = tqdm(total=n + columns_total, desc=f"k^{kind}", unit="sample", disable=not progress)
 
-    def jacobians(inputs, targets, start, stop):
+    def chunks(inputs, targets, start, stop):
         if start >= stop:
             return
         sub = None if targets is None else targets[start:stop]
-        for s, J in iter_jacobians(model, inputs[start:stop], output_fn, chunk, sub):
-            bar.update(J.shape[0])
-            yield start + s, J
+        for s, rep in engine.chunks(inputs[start:stop], sub):
+            bar.update(engine.size(rep))
+            yield start + s, rep
 
     for r0 in range(0, n, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
-        Qx, rank_x = _prepared_rows(jacobians(xs, x_targets, r0, r1), r1 - r0, d, p, first,
-                                    kind, rtol, on_zero, r0)
+        Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
         c_start = r0 if symmetric else 0
         if symmetric:  # the diagonal block reuses this block's own Jacobians
-            out[r0:r1, r0:r1] = _reduce(_block(Qx, Qx, kind, reduce), kind, reduce, rank_x, rank_x)
+            out[r0:r1, r0:r1] = _reduce(_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
             bar.update(r1 - r0)
             c_start = r1
-        for c0, Jy in jacobians(ys, y_targets, c_start, m):
-            c1 = c0 + Jy.shape[0]
-            Qy, rank_y = _prepare_columns(Jy, kind, rtol, on_zero, c0)
-            block = _reduce(_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
+        for c0, rep_y in chunks(ys, y_targets, c_start, m):
+            c1 = c0 + engine.size(rep_y)
+            Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
+            block = _reduce(_block(Qx, Qy, kind, reduce, engine), kind, reduce, rank_x, rank_y)
             out[r0:r1, c0:c1] = block
             if symmetric:
                 out[c0:c1, r0:r1] = _transpose_block(block, reduce)
     bar.close()
     return out
+
+
+def _sharded_similarity(model, xs, ys, x_targets, y_targets, group, options) -> Tensor:
+    """This rank's rows of the similarity, all-gathered into the full matrix on every rank."""
+    if ys is None:
+        ys, y_targets = xs, x_targets
+    rows = shard(len(xs), group)
+    if rows.start < rows.stop:
+        local = similarity(model, xs[rows], ys, x_targets=None if x_targets is None else x_targets[rows],
+                           y_targets=y_targets, **options)
+    else:  # no rows here, but the rank still joins the all_gather
+        d = output_dim(model, xs, options["output_fn"], x_targets)
+        first = next(iter(trainable_parameters(model).values()))
+        shape = (0, len(ys)) if options["reduce"] != "none" else (0, len(ys), d, d)
+        local = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    return gather_rows(local, len(xs), group)
+
+
+def remove_shared_direction(J: Tensor) -> Tensor:
+    """Projects out of every gradient the direction all gradients share.
+
+    The shared direction of output row a is m_a / ||m_a||, m_a the mean of the normalised
+    gradients J[:, a] / ||J[:, a]||. Kernels of the projected Jacobians measure similarity
+    beyond what every input has in common (a common component adds a positive floor to every
+    k^C, which inflates the soft count N_S by about N times that floor).
+
+    Args:
+        J: `(N, d, p)` Jacobians (every row non-zero).
+
+    Returns:
+        `(N, d, p)` projected Jacobians, each row orthogonal to its output's shared direction.
+    """
+    norms = J.norm(dim=2, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ZeroGradientError(torch.nonzero((norms == 0).any(1).flatten()).flatten().tolist())
+    shared = (J / norms).mean(0)
+    shared = shared / shared.norm(dim=1, keepdim=True)
+    return J - (J * shared).sum(2, keepdim=True) * shared

@@ -1,0 +1,163 @@
+"""Two interchangeable representations of a chunk of per-sample Jacobians.
+
+- `JacobianEngine`: the full `(n, d, p)` Jacobians (`netsim.grads`). Works for any model.
+- `LayerwiseEngine`: per-layer factors (`netsim.layerwise`); Linear layers stay factored, so
+  memory per sample and the cost of a gram block drop from O(p) to O(sum of layer widths).
+
+The kernels only need a few operations on a representation R of the Jacobians J of n samples,
+which both engines implement with identical results (tested against each other):
+
+    self_gram(R)          K(x, x) = J J^T                      (n, d, d)
+    transform(R, L)       L J (L mixes output rows)            R'
+    gram(Rx, Ry, trace)   J_x J_y^T or its trace               (nx, ny, d, d) / (nx, ny)
+    summed(R)             sum over samples of J                S (d rows of p)
+    dot_with_sums(R, S)   J(x) S^T                             (n, d, d_S)
+
+`engine_for(model, ..., method="auto")` picks the layer-wise engine when the model's structure
+allows it (see `layerwise.factorise`) and the Jacobian engine otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import layerwise
+from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters
+
+METHODS = ("auto", "layerwise", "jacobian")
+
+
+class JacobianEngine:
+    """Full Jacobians `(n, d, p)`."""
+
+    name = "jacobian"
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None):
+        self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or DEFAULT_CHUNK
+
+    def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+        yield from iter_jacobians(self.model, inputs, self.output_fn, self.chunk, targets)
+
+    def bytes_per_sample(self, d: int, itemsize: int) -> int:
+        return d * num_parameters(self.model) * itemsize
+
+    @staticmethod
+    def size(rep: Tensor) -> int:
+        return rep.shape[0]
+
+    @staticmethod
+    def cat(reps: list[Tensor]) -> Tensor:
+        return reps[0] if len(reps) == 1 else torch.cat(reps)
+
+    @staticmethod
+    def self_gram(rep: Tensor) -> Tensor:
+        return rep @ rep.transpose(1, 2)
+
+    @staticmethod
+    def transform(rep: Tensor, left: Tensor) -> Tensor:
+        return left @ rep
+
+    @staticmethod
+    def gram(rx: Tensor, ry: Tensor, trace: bool) -> Tensor:
+        nx, d, p = rx.shape
+        ny = ry.shape[0]
+        if trace:  # Tr(A B^T) is one flattened dot: a single (nx, d p) x (d p, ny) GEMM
+            return rx.reshape(nx, d * p) @ ry.reshape(ny, d * p).T
+        return (rx.reshape(nx * d, p) @ ry.reshape(ny * d, p).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
+
+    @staticmethod
+    def summed(rep: Tensor) -> list[Tensor]:
+        return [rep.sum(0)]
+
+    @staticmethod
+    def add_sums(s1: list | None, s2: list) -> list:
+        return s2 if s1 is None else [s1[0] + s2[0]]
+
+    @staticmethod
+    def dot_with_sums(rep: Tensor, sums: list[Tensor]) -> Tensor:
+        return rep @ sums[0].T
+
+    @staticmethod
+    def sum_tensors(sums: list) -> list[Tensor]:
+        return list(sums)
+
+
+class LayerwiseEngine:
+    """Per-layer factors (`netsim.layerwise`)."""
+
+    name = "layerwise"
+    #: A chunk is one batched forward and d backward passes: larger chunks amortise overhead.
+    default_chunk = 256
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None):
+        self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or self.default_chunk
+
+    def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
+        for start in range(0, inputs.shape[0], self.chunk):
+            sub = None if targets is None else targets[start:start + self.chunk]
+            yield start, layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
+
+    def bytes_per_sample(self, d: int, itemsize: int, probe: Tensor | None = None,
+                         probe_targets: Tensor | None = None) -> int:
+        factors = layerwise.factorise(self.model, probe, self.output_fn, probe_targets)
+        return sum(t.numel() for t in _tensors(factors)) * itemsize // probe.shape[0]
+
+    @staticmethod
+    def size(rep: list) -> int:
+        f = rep[0]
+        return (f.grads if isinstance(f, layerwise.DenseFactors) else f.x).shape[0]
+
+    @staticmethod
+    def cat(reps: list[list]) -> list:
+        if len(reps) == 1:
+            return reps[0]
+        out = []
+        for layer in zip(*reps):
+            if isinstance(layer[0], layerwise.DenseFactors):
+                out.append(layerwise.DenseFactors(torch.cat([f.grads for f in layer])))
+            else:
+                f0 = layer[0]
+                out.append(layerwise.LinearFactors(torch.cat([f.x for f in layer]),
+                                                   torch.cat([f.delta for f in layer]), f0.bias, f0.weight))
+        return out
+
+    self_gram = staticmethod(layerwise.self_gram)
+    transform = staticmethod(layerwise.transform)
+    summed = staticmethod(layerwise.summed)
+    add_sums = staticmethod(layerwise.add_sums)
+    sum_tensors = staticmethod(layerwise.sums_as_tensors)
+
+    @staticmethod
+    def gram(rx: list, ry: list, trace: bool) -> Tensor:
+        return layerwise.gram(rx, ry, trace=trace)
+
+    @staticmethod
+    def dot_with_sums(rep: list, sums: list) -> Tensor:
+        return layerwise.dot_with_sums(rep, sums)
+
+
+def _tensors(factors: list) -> list[Tensor]:
+    return [t for f in factors for t in ((f.grads,) if isinstance(f, layerwise.DenseFactors) else (f.x, f.delta))]
+
+
+def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+               targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto"):
+    """The engine to use for this model: layer-wise when `factorise` accepts it (auto), or as asked.
+
+    Raises:
+        ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "jacobian":
+        return JacobianEngine(model, output_fn, chunk_size)
+    try:
+        layerwise.factorise(model, inputs[:1], output_fn, None if targets is None else targets[:1])
+    except layerwise.UnsupportedModel:
+        if method == "layerwise":
+            raise
+        return JacobianEngine(model, output_fn, chunk_size)
+    return LayerwiseEngine(model, output_fn, chunk_size)

@@ -1,0 +1,301 @@
+"""Per-layer structure of per-sample gradients: kernels without p-long gradient vectors.
+
+For a module with parameters, the gradient of output a at sample x w.r.t. its parameters is
+fixed by the module's input X(x) and the gradient of output a w.r.t. the module's output,
+Delta^a(x). One batched forward (hooks record X) and d batched backward passes (gradients of
+sum_x f^a(x) w.r.t. each module output; samples do not interact) give both for a whole chunk.
+Per-layer rules then turn them into kernel blocks:
+
+- Linear (inputs `(n, in)`): grad_W = Delta^T X, grad_b = Delta. Never materialised: the gram
+  between samples is (Delta_x . Delta_y) * (X_x . X_y + 1), O(n m (in + out)) instead of
+  O(n m in out) -- the layer is kept as the factors ("linear" entries).
+- Conv2d (groups = 1): per-sample gradients by `unfold`, Delta (out, P) @ U(P, in k k)^T;
+  convolution parameters are few, so they are materialised ("dense" entries).
+- Any other module with direct parameters: the generic rule, a torch.func vjp of that module
+  alone at its recorded input with cotangent Delta, vmapped over samples ("dense").
+
+`factorise` refuses models whose structure breaks the rules (a module called twice, shared or
+tied parameters, parameters used outside their module); callers then fall back to the
+full-model Jacobians of `netsim.grads`.
+
+All rules give the same numbers as `per_sample_grads` (tested layer by layer); they only
+avoid forming, storing and multiplying p-long vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from .grads import OutputFn, _as_output_matrix, _check_inputs, _check_model_mode, trainable_parameters
+
+
+class UnsupportedModel(ValueError):
+    """The model's structure does not allow the per-layer rules (use the Jacobian path)."""
+
+
+@dataclass
+class LinearFactors:
+    """A Linear layer's per-sample gradients, factored: grad_W^a = delta[:, a]^T x, grad_b^a = delta[:, a].
+
+    Attributes:
+        x: `(n, in)` layer inputs.
+        delta: `(n, d, out)` output gradients.
+        bias: whether the layer has a (trainable) bias.
+        weight: whether the weight is trainable.
+    """
+
+    x: Tensor
+    delta: Tensor
+    bias: bool
+    weight: bool = True
+
+
+@dataclass
+class DenseFactors:
+    """Materialised per-sample gradients of one module's parameters, `(n, d, p_layer)`."""
+
+    grads: Tensor
+
+
+Factors = list  # one LinearFactors / DenseFactors per parameterised module, in model order
+
+
+def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
+    """Modules owning trainable parameters directly, with those parameters; checks ownership."""
+    owners, seen = [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        direct = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
+        if not direct:
+            continue
+        for p in direct.values():
+            if id(p) in seen:
+                raise UnsupportedModel(f"parameter shared by {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+        owners.append((name, module, direct))
+    total = sum(p.numel() for p in trainable_parameters(model).values())
+    if sum(p.numel() for _, _, d in owners for p in d.values()) != total:
+        raise UnsupportedModel("some trainable parameters are not owned by a module")
+    return owners
+
+
+def _record(model: nn.Module, inputs: Tensor, owners) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Forward pass recording each owner's (input, output); checks each runs exactly once."""
+    records: dict[int, list] = {id(m): [] for _, m, _ in owners}
+
+    def hook(module, args, output):
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            raise UnsupportedModel(f"{type(module).__name__} takes or returns more than one tensor")
+        records[id(module)].append((args[0].detach(), output, output._version))
+
+    handles = [m.register_forward_hook(hook) for _, m, _ in owners]
+    try:
+        out = model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for name, m, _ in owners:
+        if len(records[id(m)]) != 1:
+            raise UnsupportedModel(f"module {name!r} ran {len(records[id(m)])} times in one forward pass")
+        x, o, version = records[id(m)][0]
+        if o._version != version:  # e.g. ReLU(inplace=True): o no longer holds the module's output
+            raise UnsupportedModel(f"the output of {name!r} is modified in place later in the forward pass")
+        pairs.append((x, o))
+    return out, pairs
+
+
+def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
+    if x.ndim != 2:
+        return None  # sequence inputs share the weight across positions: generic rule
+    return LinearFactors(x=x, delta=delta, bias="bias" in params, weight="weight" in params)
+
+
+def _conv_rule(module: nn.Conv2d, params, x: Tensor, delta: Tensor):
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    n, d = delta.shape[:2]
+    parts = []
+    if "weight" in params:
+        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        parts.append(torch.einsum("naop,nkp->naok", delta.flatten(3), cols).reshape(n, d, -1))
+    if "bias" in params:
+        parts.append(delta.sum((3, 4)))
+    return DenseFactors(torch.cat(parts, 2))
+
+
+def _generic_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseFactors:
+    """Per-sample vjp of the module alone w.r.t. its direct parameters, vmapped over samples
+    (a loop over the few output dimensions: nested vmaps trip some backward rules, e.g. PReLU's)."""
+    def per_sample(xi, cot):
+        _, pullback = vjp(lambda p: functional_call(module, p, (xi.unsqueeze(0),)), params)
+        return pullback(cot.unsqueeze(0))[0]
+    n, d = delta.shape[:2]
+    rows = []
+    for a in range(d):
+        grads = vmap(per_sample)(x, delta[:, a])
+        rows.append(torch.cat([grads[k].reshape(n, -1) for k in params], 1))
+    return DenseFactors(torch.stack(rows, 1))
+
+
+_RULES = {nn.Linear: _linear_rule, nn.Conv2d: _conv_rule}
+
+
+def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+              targets: Tensor | None = None) -> list:
+    """Per-layer factors of the per-sample Jacobians of one chunk of inputs.
+
+    Returns:
+        A list, in `named_modules` order of the parameter owners, of `LinearFactors` /
+        `DenseFactors`. Their parameter order matches `per_sample_grads` when the modules
+        are registered in the order their parameters are (true for ordinary models).
+
+    Raises:
+        UnsupportedModel: shared parameters, a module run more than once, a module with
+            several tensor inputs.
+    """
+    _check_model_mode(model)
+    _check_inputs(model, inputs, targets)
+    owners = _param_modules(model)
+    with torch.enable_grad():
+        out, records = _record(model, inputs, owners)
+        if output_fn is not None:
+            out = output_fn(out) if targets is None else output_fn(out, targets)
+        out = _as_output_matrix(out, inputs.shape[0])
+        n, d = out.shape
+        layer_outputs = [o for _, o in records]
+        deltas = [[] for _ in records]
+        for a in range(d):
+            grads = torch.autograd.grad(out[:, a].sum(), layer_outputs, retain_graph=a < d - 1,
+                                        allow_unused=True)
+            for k, (g, o) in enumerate(zip(grads, layer_outputs)):
+                deltas[k].append(torch.zeros_like(o) if g is None else g)
+    factors = []
+    for (name, module, params), (x, _), delta in zip(owners, records, deltas):
+        delta = torch.stack(delta, 1).detach()                     # (n, d, *out_shape)
+        rule = _RULES.get(type(module))
+        entry = rule(module, params, x, delta) if rule is not None else None
+        factors.append(entry if entry is not None else _generic_rule(module, params, x, delta))
+    return factors
+
+
+def materialise(factors: list) -> Tensor:
+    """The full `(n, d, p)` Jacobians from the factors (for tests and small layers)."""
+    parts = []
+    for f in factors:
+        if isinstance(f, DenseFactors):
+            parts.append(f.grads)
+        else:
+            n, d, out = f.delta.shape
+            if f.weight:
+                parts.append(torch.einsum("nao,ni->naoi", f.delta, f.x).reshape(n, d, -1))
+            if f.bias:
+                parts.append(f.delta)
+    return torch.cat(parts, 2)
+
+
+def transform(factors: list, left: Tensor) -> list:
+    """Left-multiplies every sample's Jacobian by a `(n, d, d)` matrix (e.g. K(x, x)^-1/2).
+
+    It only mixes output rows, so it acts on Delta and on the dense blocks."""
+    out = []
+    for f in factors:
+        if isinstance(f, DenseFactors):
+            out.append(DenseFactors(left @ f.grads))
+        else:
+            out.append(LinearFactors(f.x, left @ f.delta, f.bias, f.weight))
+    return out
+
+
+def gram(fx: list, fy: list, *, trace: bool) -> Tensor:
+    """Sum over layers of J_x J_y^T: `(nx, ny, d, d)`, or its trace `(nx, ny)` if `trace`.
+
+    Accumulates in place: besides the result, one layer's block is alive at a time."""
+    total = None
+    for a, b in zip(fx, fy):
+        if isinstance(a, DenseFactors):
+            nx, d, p = a.grads.shape
+            ny = b.grads.shape[0]
+            if trace:
+                block = a.grads.reshape(nx, d * p) @ b.grads.reshape(ny, d * p).T
+            else:
+                block = (a.grads.reshape(nx * d, p) @ b.grads.reshape(ny * d, p).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
+        else:
+            nx, d, o = a.delta.shape
+            ny = b.delta.shape[0]
+            inputs = a.x @ b.x.T if a.weight else torch.zeros(nx, ny, dtype=a.x.dtype, device=a.x.device)
+            if a.bias:
+                inputs.add_(1.0)
+            if trace:
+                block = (a.delta.reshape(nx, d * o) @ b.delta.reshape(ny, d * o).T).mul_(inputs)
+            else:
+                dd = (a.delta.reshape(nx * d, o) @ b.delta.reshape(ny * d, o).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
+                block = dd.mul_(inputs[:, :, None, None])
+            del inputs
+        if total is None:
+            total = block.contiguous()
+        else:
+            total.add_(block)
+        del block
+    return total
+
+
+def self_gram(factors: list) -> Tensor:
+    """K(x, x) for every sample of the chunk, `(n, d, d)`, without any cross-sample work."""
+    total = None
+    for f in factors:
+        if isinstance(f, DenseFactors):
+            block = f.grads @ f.grads.transpose(1, 2)
+        else:
+            sq = (f.x * f.x).sum(1) if f.weight else torch.zeros(f.x.shape[0], dtype=f.x.dtype, device=f.x.device)
+            block = (f.delta @ f.delta.transpose(1, 2)) * (sq + (1.0 if f.bias else 0.0))[:, None, None]
+        total = block if total is None else total + block
+    return total
+
+
+def summed(factors: list) -> list:
+    """sum over the chunk of each output row's Jacobian, per layer: `(d, out, in)` / `(d, p_layer)`
+    tensors (the first pass of the soft density; O(n d in out) per Linear layer)."""
+    out = []
+    for f in factors:
+        if isinstance(f, DenseFactors):
+            out.append(f.grads.sum(0))
+        else:
+            w = torch.einsum("nao,ni->aoi", f.delta, f.x) if f.weight else None
+            b = f.delta.sum(0) if f.bias else None
+            out.append((w, b))
+    return out
+
+
+def add_sums(s1: list | None, s2: list) -> list:
+    """Adds two `summed` results (either may come from another chunk or process)."""
+    if s1 is None:
+        return s2
+    return [a + b if isinstance(a, Tensor) else
+            (None if a[0] is None else a[0] + b[0], None if a[1] is None else a[1] + b[1])
+            for a, b in zip(s1, s2)]
+
+
+def dot_with_sums(factors: list, sums: list) -> Tensor:
+    """J(x) S^T for every sample: `(n, d, d_S)`, entry [n, a, b] = J^a(x_n) . S^b (second pass)."""
+    total = None
+    for f, s in zip(factors, sums):
+        if isinstance(f, DenseFactors):
+            block = f.grads @ s.T
+        else:
+            w, b = s
+            block = 0.0
+            if w is not None:   # J^a . S^b = delta^a . (W_S^b x): (n, d, d_S, in) then contract x
+                block = block + torch.einsum("nabi,ni->nab", torch.einsum("nao,boi->nabi", f.delta, w), f.x)
+            if b is not None:
+                block = block + f.delta @ b.T
+        total = block if total is None else total + block
+    return total
+
+
+def sums_as_tensors(sums: list) -> list[Tensor]:
+    """The tensors inside a `summed` result, in a fixed order (e.g. for all_reduce)."""
+    return [t for s in sums for t in ((s,) if isinstance(s, Tensor) else s) if t is not None]

@@ -54,6 +54,11 @@ def reference_jacobians(model: nn.Module, inputs: torch.Tensor, output_fn=None, 
     return torch.stack(rows)
 
 
+def pytest_configure(config):
+    # torch.func.jvp goes through torch.jit internals that warn about their own deprecation.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .distributed import all_reduce_, gather_rows, shard
 from .engine import engine_for
-from .grads import OutputFn
+from .grads import OutputFn, output_jvp
 from .kernel import ZeroGradientError, psd_power, similarity
 
 ESTIMATORS = ("hard", "soft", "positive")
@@ -110,15 +110,19 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
     return counts_from_kernel(kc, estimator, tau=tau, alpha=alpha)
 
 
-def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
-    """Q / sqrt(rank) with Q = K(x,x)^-1/2 J, so that k^C(x, x') = <Q_x, Q_x'>_F / sqrt(r r')
-    becomes a plain Frobenius product of these scaled factors."""
+def _normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> Tensor:
+    """`(n, d, d)` left factors K(x,x)^-1/2 / sqrt(rank), so that k^C(x, x') becomes the plain
+    Frobenius product <Q_x, Q_x'> of Q = factor J."""
     k_self = engine.self_gram(rep)
     factor, rank = psd_power(k_self, -0.5, rtol)
     if on_zero == "raise" and bool((rank == 0).any()):
         raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
     scale = torch.where(rank > 0, rank.to(k_self.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=k_self.dtype))
-    return engine.transform(rep, factor * scale[:, None, None])
+    return factor * scale[:, None, None]
+
+
+def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
+    return engine.transform(rep, _normaliser(engine, rep, rtol, on_zero, offset))
 
 
 def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
@@ -149,12 +153,14 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
     Returns:
         `(N,)` soft counts.
     """
-    if reference is None:
+    same = reference is None
+    if same:
         reference, reference_targets = xs, targets
     engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
     ref_rows = query_rows = slice(None)
     if process_group is not None:
         ref_rows, query_rows = shard(len(reference), process_group), shard(len(xs), process_group)
+    normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
     if len(reference[ref_rows]) == 0:  # an empty shard adds zeros of the right structure
         probe = _normalised_sums(engine, reference[:1], None if reference_targets is None else reference_targets[:1],
                                  rtol, on_zero, 0)
@@ -162,23 +168,40 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
     else:
         total = _normalised_sums(engine, reference[ref_rows],
                                  None if reference_targets is None else reference_targets[ref_rows],
-                                 rtol, on_zero, ref_rows.start or 0)
+                                 rtol, on_zero, ref_rows.start or 0, normalisers)
     if process_group is not None:
         all_reduce_(engine.sum_tensors(total), process_group)
-    counts = []
     queries, query_targets = xs[query_rows], None if targets is None else targets[query_rows]
-    for start, rep in (engine.chunks(queries, query_targets) if len(queries) else ()):
-        products = engine.dot_with_sums(_normalised(engine, rep, rtol, on_zero, start), total)
-        counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
+    counts = []
+    if same and len(queries):
+        # Second pass in forward mode: J(x) A^T column by column, one jvp per output row of A.
+        tangents = [engine.tangent(total, b) for b in range(normalisers[0].shape[1])]
+        for (start, stop), factor in zip(_chunk_bounds(len(queries), engine.chunk), normalisers):
+            sub = None if query_targets is None else query_targets[start:stop]
+            jt = torch.stack([output_jvp(model, queries[start:stop], t, output_fn, sub) for t in tangents], 2)
+            counts.append((factor @ jt).diagonal(dim1=-2, dim2=-1).sum(-1))
+    elif len(queries):
+        for start, rep in engine.chunks(queries, query_targets):
+            products = engine.dot_with_sums(_normalised(engine, rep, rtol, on_zero, start), total)
+            counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
     local = torch.cat(counts) if counts else xs.new_zeros(0)
     return local if process_group is None else gather_rows(local, len(xs), process_group)
 
 
-def _normalised_sums(engine, inputs: Tensor, targets, rtol, on_zero: str, offset: int) -> list:
-    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `inputs`, per layer."""
+def _chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+
+
+def _normalised_sums(engine, inputs: Tensor, targets, rtol, on_zero: str, offset: int,
+                     normalisers: list | None = None) -> list:
+    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `inputs`, per layer;
+    appends each chunk's normalisers to `normalisers` when given."""
     total = None
     for start, rep in engine.chunks(inputs, targets):
-        total = engine.add_sums(total, engine.summed(_normalised(engine, rep, rtol, on_zero, offset + start)))
+        factor = _normaliser(engine, rep, rtol, on_zero, offset + start)
+        if normalisers is not None:
+            normalisers.append(factor)
+        total = engine.add_sums(total, engine.summed(engine.transform(rep, factor)))
     return total
 
 

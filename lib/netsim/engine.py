@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layerwise
-from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters
+from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, trainable_parameters
 
 METHODS = ("auto", "layerwise", "jacobian")
 
@@ -84,6 +84,14 @@ class JacobianEngine:
     def sum_tensors(sums: list) -> list[Tensor]:
         return list(sums)
 
+    def tangent(self, sums: list, row: int) -> dict[str, Tensor]:
+        """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
+        out, offset = {}, 0
+        for name, p in trainable_parameters(self.model).items():
+            out[name] = sums[0][row, offset:offset + p.numel()].reshape(p.shape)
+            offset += p.numel()
+        return out
+
 
 class LayerwiseEngine:
     """Per-layer factors (`netsim.layerwise`)."""
@@ -98,7 +106,13 @@ class LayerwiseEngine:
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, inputs.shape[0], self.chunk):
             sub = None if targets is None else targets[start:start + self.chunk]
-            yield start, layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
+            factors = layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
+            self._template = factors
+            yield start, factors
+
+    def tangent(self, sums: list, row: int) -> dict[str, Tensor]:
+        """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
+        return layerwise.sums_as_parameters(self._template, sums, row, self.model)
 
     def bytes_per_sample(self, d: int, itemsize: int, probe: Tensor | None = None,
                          probe_targets: Tensor | None = None) -> int:

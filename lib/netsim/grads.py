@@ -154,6 +154,35 @@ def iter_jacobians(
         yield start, torch.cat([per_param[name].reshape(n, d, -1) for name in params], dim=2)
 
 
+def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], output_fn: OutputFn | None = None,
+               targets: Tensor | None = None) -> Tensor:
+    """J(x) v for every sample at once: the change of every output along a parameter direction v.
+
+    One forward-mode pass (`torch.func.jvp`) over the batch: no backward pass, no per-sample
+    gradient. The rows of J(x) v are the dot products of the per-sample gradients with v.
+
+    Args:
+        tangent: {name: tensor} for every trainable parameter (the direction v).
+
+    Returns:
+        `(n, d)`.
+    """
+    params = trainable_parameters(model)
+    if set(tangent) != set(params):
+        raise ValueError("the tangent must give a direction for every trainable parameter")
+    buffers = dict(model.named_buffers())
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+
+    def output(p):
+        out = functional_call(model, (p, frozen, buffers), (inputs,))
+        if output_fn is not None:
+            out = output_fn(out) if targets is None else output_fn(out, targets)
+        return _as_output_matrix(out, inputs.shape[0])
+
+    primals = {k: v.detach() for k, v in params.items()}
+    return torch.func.jvp(output, (primals,), ({k: tangent[k] for k in primals},))[1]
+
+
 def per_sample_grads(
     model: nn.Module,
     inputs: Tensor,

@@ -52,13 +52,16 @@ class LinearFactors:
     delta: Tensor
     bias: bool
     weight: bool = True
+    names: tuple = ()      # full parameter names (weight, bias), as in model.named_parameters()
 
 
 @dataclass
 class DenseFactors:
-    """Materialised per-sample gradients of one module's parameters, `(n, d, p_layer)`."""
+    """Materialised per-sample gradients of one module's parameters, `(n, d, p_layer)`,
+    concatenated in the order of `names` (full parameter names)."""
 
     grads: Tensor
+    names: tuple = ()
 
 
 Factors = list  # one LinearFactors / DenseFactors per parameterised module, in model order
@@ -128,16 +131,20 @@ def _conv_rule(module: nn.Conv2d, params, x: Tensor, delta: Tensor):
 
 
 def _generic_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseFactors:
-    """Per-sample vjp of the module alone w.r.t. its direct parameters, vmapped over samples
-    (a loop over the few output dimensions: nested vmaps trip some backward rules, e.g. PReLU's)."""
-    def per_sample(xi, cot):
-        _, pullback = vjp(lambda p: functional_call(module, p, (xi.unsqueeze(0),)), params)
-        return pullback(cot.unsqueeze(0))[0]
+    """Per-sample gradients of the module's direct parameters, for any module.
+
+    Each sample gets its own copy of the parameters (expanded to `(n, ...)`), the module runs
+    once, vmapped over (copy, sample), and one batched backward per output row with cotangent
+    Delta gives every copy's gradient: per-sample gradients without per-sample backwards.
+    """
     n, d = delta.shape[:2]
-    rows = []
-    for a in range(d):
-        grads = vmap(per_sample)(x, delta[:, a])
-        rows.append(torch.cat([grads[k].reshape(n, -1) for k in params], 1))
+    copies = {k: p.detach().unsqueeze(0).expand(n, *p.shape).clone().requires_grad_() for k, p in params.items()}
+    with torch.enable_grad():
+        out = vmap(lambda p, xi: functional_call(module, p, (xi.unsqueeze(0),))[0])(copies, x)
+        rows = []
+        for a in range(d):
+            grads = torch.autograd.grad(out, list(copies.values()), grad_outputs=delta[:, a], retain_graph=a < d - 1)
+            rows.append(torch.cat([g.reshape(n, -1) for g in grads], 1))
     return DenseFactors(torch.stack(rows, 1))
 
 
@@ -178,8 +185,29 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
         delta = torch.stack(delta, 1).detach()                     # (n, d, *out_shape)
         rule = _RULES.get(type(module))
         entry = rule(module, params, x, delta) if rule is not None else None
-        factors.append(entry if entry is not None else _generic_rule(module, params, x, delta))
+        entry = entry if entry is not None else _generic_rule(module, params, x, delta)
+        entry.names = tuple(f"{name}.{k}" if name else k for k in params)
+        factors.append(entry)
     return factors
+
+
+def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) -> dict[str, Tensor]:
+    """Row `row` of a `summed` result as a parameter-shaped dict {name: tensor} (a tangent)."""
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    out = {}
+    for f, s in zip(factors, sums):
+        if isinstance(f, DenseFactors):
+            flat, offset = s[row], 0
+            for name in f.names:
+                size = shapes[name].numel()
+                out[name] = flat[offset:offset + size].reshape(shapes[name])
+                offset += size
+        else:
+            w, b = s
+            parts = ([w[row]] if f.weight else []) + ([b[row]] if f.bias else [])
+            for name, t in zip(f.names, parts):
+                out[name] = t
+    return out
 
 
 def materialise(factors: list) -> Tensor:

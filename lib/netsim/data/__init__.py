@@ -1,0 +1,1 @@
+"""Data sets of the experiments: the sinusoid toy problem, MNIST, synthetic aerial scenes."""

@@ -45,6 +45,19 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
                   "taus": [0.5, 0.6, 0.7, 0.8, 0.9, 0.925, 0.95, 0.975, 0.99],
                   "alphas": [2, 3, 4], "n_boot": 2000},
     },
+    # Fig. 5 (section 5). The authors: 60 paired runs, 513 steps, 1000 validation images after
+    # every step -- ~12 h of validation alone on 2 cores; the paper profile keeps the figure's
+    # 150 steps and measures on the schedule below (see notebook 03).
+    "mnist_speedup": {
+        "smoke": {"runs": 4, "steps": 40, "n_b": 1, "arms": ["ce", "paper", "neg_cos", "pos_cos"],
+                  "eval_early_every": 4, "eval_early_until": 40, "eval_late_every": 10, "eval_size": 200,
+                  "large_n_b": 8, "large_n_b_runs": 2, "large_n_b_arms": ["ce", "paper"], "lr": 1e-3,
+                  "n_boot": 1000},
+        "paper": {"runs": 24, "steps": 150, "n_b": 1, "arms": ["ce", "paper", "neg_cos", "pos_cos"],
+                  "eval_early_every": 2, "eval_early_until": 60, "eval_late_every": 10, "eval_size": 400,
+                  "large_n_b": 8, "large_n_b_runs": 12, "large_n_b_arms": ["ce", "paper"], "lr": 1e-3,
+                  "n_boot": 10000},
+    },
 }
 
 

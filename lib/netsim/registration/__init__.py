@@ -1,0 +1,1 @@
+"""Registration of aerial images to misaligned cadasters (paper section 1): fields, networks, metrics."""

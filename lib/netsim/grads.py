@@ -97,16 +97,27 @@ def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     return _as_output_matrix(out, 1).shape[1]
 
 
-def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_targets: bool):
-    """Builds `jac(params, x[, t]) -> {name: (d, *param.shape)}` for one unbatched sample."""
+def _functional_output(model: nn.Module, output_fn: OutputFn | None):
+    """`output(params, x, t=None) -> (B, d)`: the reduced model output as a function of the
+    trainable parameters (frozen parameters and buffers held fixed)."""
     buffers = dict(model.named_buffers())
     frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
 
     def output(params, x, t=None):
-        out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+        out = functional_call(model, (params, frozen, buffers), (x,))
         if output_fn is not None:
-            out = output_fn(out) if t is None else output_fn(out, t.unsqueeze(0))
-        return _as_output_matrix(out, 1)[0]
+            out = output_fn(out) if t is None else output_fn(out, t)
+        return _as_output_matrix(out, x.shape[0])
+
+    return output
+
+
+def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_targets: bool):
+    """Builds `jac(params, x[, t]) -> {name: (d, *param.shape)}` for one unbatched sample."""
+    batch_output = _functional_output(model, output_fn)
+
+    def output(params, x, t=None):
+        return batch_output(params, x.unsqueeze(0), None if t is None else t.unsqueeze(0))[0]
 
     # chunk_size=1: one vjp per output row instead of a vmap over rows. Nested vmaps (rows
     # inside samples) hit broken batching rules, e.g. PReLU after a convolution in torch 2.13;
@@ -170,17 +181,9 @@ def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], out
     params = trainable_parameters(model)
     if set(tangent) != set(params):
         raise ValueError("the tangent must give a direction for every trainable parameter")
-    buffers = dict(model.named_buffers())
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-
-    def output(p):
-        out = functional_call(model, (p, frozen, buffers), (inputs,))
-        if output_fn is not None:
-            out = output_fn(out) if targets is None else output_fn(out, targets)
-        return _as_output_matrix(out, inputs.shape[0])
-
+    output = _functional_output(model, output_fn)
     primals = {k: v.detach() for k, v in params.items()}
-    return torch.func.jvp(output, (primals,), ({k: tangent[k] for k in primals},))[1]
+    return torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
 
 
 def per_sample_grads(

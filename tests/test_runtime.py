@@ -51,3 +51,17 @@ def test_seed_everything_repeats_all_generators():
     assert draw() == first
     runtime.seed_everything(8)
     assert draw() != first
+
+
+def test_build_seeded_depends_on_the_seed_only_and_leaves_the_global_rng_alone():
+    import torch
+
+    from netsim.runtime import build_seeded
+
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a = build_seeded(lambda: torch.nn.Linear(3, 2), 5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = build_seeded(lambda: torch.nn.Linear(3, 2), 5)
+    c = build_seeded(lambda: torch.nn.Linear(3, 2), 6)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)

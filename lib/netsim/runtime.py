@@ -56,3 +56,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA generators when present
+
+
+def build_seeded(build, seed: int | None):
+    """`build()` with PyTorch's default initialisation drawn under `torch.manual_seed(seed)` in a
+    forked RNG: the weights depend on the seed alone and the global RNG is left untouched.
+    `seed=None` draws from the global RNG."""
+    import torch
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build()

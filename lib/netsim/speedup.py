@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .enforce import group_criterion
 from .outputs import class_vs_rest
+from .runtime import build_seeded
 
 ARMS = ("ce", "paper", "neg_cos", "pos_cos")
 
@@ -48,11 +49,7 @@ def mnist_cnn(seed: int | None = None, n_classes: int = 10) -> nn.Sequential:
             nn.Conv2d(1, 32, 5), nn.PReLU(), nn.AvgPool2d(2),
             nn.Conv2d(32, 64, 5), nn.PReLU(), nn.AvgPool2d(2), nn.Flatten(),
             nn.Linear(64 * 4 * 4, 256), nn.PReLU(), nn.Linear(256, n_classes))
-    if seed is None:
-        return build()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build()
+    return build_seeded(build, seed)
 
 
 def criterion_weight(arm: str, n_b: int) -> float:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..runtime import build_seeded
 from ..stacked import train_stacked
 
 __all__ = [
@@ -113,11 +114,7 @@ def sinusoid_mlp(hidden: int = 64, depth: int = 5, *, seed: int | None = None,
         layers += [nn.ReLU(), nn.Linear(hidden, out_features)]
         return nn.Sequential(*layers)
 
-    if seed is None:
-        return build()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build()
+    return build_seeded(build, seed)
 
 
 def target_curvature(alpha: Tensor, frequency: float) -> Tensor:

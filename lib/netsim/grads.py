@@ -211,4 +211,9 @@ def per_sample_grads(
         >>> per_sample_grads(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
     """
-    return torch.cat([j for _, j in iter_jacobians(model, inputs, output_fn, chunk_size, targets)])
+    out = None
+    for start, J in iter_jacobians(model, inputs, output_fn, chunk_size, targets):
+        if out is None:  # preallocated: concatenating chunks would briefly hold G twice
+            out = J.new_empty((inputs.shape[0], *J.shape[1:]))
+        out[start:start + J.shape[0]] = J
+    return out

@@ -30,6 +30,8 @@ from .config import check_profile, repo_root
 from .plotting import figures_dir
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+#: Optional README section filled from bench/results.json (`python bench/run.py`).
+PERF_START, PERF_END = "<!-- performance:start -->", "<!-- performance:end -->"
 #: Keys that write_metrics adds itself; metrics may not use them.
 RESERVED = ("profile", "seeds", "package_versions", "generated_at")
 NO_RESULTS = "No results yet: run ./run_all.sh"
@@ -193,26 +195,106 @@ def results_markdown(figures: Path) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def update_readme(readme: Path | str | None = None, figures: Path | str | None = None) -> Path:
+# --------------------------------------------------------------------------- performance
+
+_METHODS = {"epoch": "epoch (reference)", "layerwise": "ours: layerwise", "jacobian": "ours: jacobian",
+            "naive": "naive loop", "vmap": "torch.func vmap"}
+
+
+def _perf_status(row: Mapping[str, Any]) -> str:
+    status = row.get("status", "?")
+    if status == "infeasible":
+        return f"infeasible (G needs {row.get('needs_gb', float('nan')):.1f} GB)"
+    if status == "skipped":
+        if row.get("projected_s") is not None:
+            return f"skipped (projected {row['projected_s']:.0f} s)"
+        return f"skipped ({row.get('reason', 'cap')})"
+    return _cell(status)
+
+
+def performance_markdown(results_json_path: Path | str) -> str:
+    """Markdown of a `bench/results.json` (written by `python bench/run.py`): one table row per
+    (model, N, task, method) with CPU seconds, multiple of the training epoch and peak extra
+    memory, then the goals with measured value, target and whether they are met."""
+    res = json.loads(Path(results_json_path).read_text(encoding="utf-8"))
+    machine, settings = res.get("machine", {}), res.get("settings", {})
+    lines = [f"Mode `{res.get('mode', '?')}`, {res.get('date', '?')}, {_cell(machine.get('cpu_model'))} "
+             f"({machine.get('cores', '?')} cores), torch {machine.get('torch', '?')}, 1 thread. "
+             f"Times: {_cell(settings.get('timing', 'process CPU time'))}. Epoch: {_cell(settings.get('epoch', '?'))}. "
+             "Peak extra MB: peak RSS of the measurement's own process minus its RSS after setup."
+             + (f" Note: {_cell(res['note'])}" if res.get("note") else ""), "",
+             "| Model | N | Task | Method | Seconds | × epoch | Peak extra MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in res.get("results", []):
+        method = _METHODS.get(row.get("method"), _cell(row.get("method")))
+        n = "—" if row.get("n") is None else str(row["n"])
+        if row.get("status") == "ok":
+            x = row.get("x_epoch")
+            cells = [f"{row['seconds']:.3g}", "—" if x is None else f"{x:.3g}",
+                     f"{row.get('peak_extra_mb', 0.0):.0f}"]
+        else:
+            cells = [_perf_status(row), "—", "—"]
+        lines.append(f"| {_cell(row.get('model'))} | {n} | {_cell(row.get('task'))} | {method} | " + " | ".join(cells) + " |")
+    gemm, eff = res.get("gemm") or {}, res.get("gemm_efficiency") or {}
+    if gemm.get("gflops") is not None:
+        line = f"torch.mm {gemm.get('n', '?')}² (1 thread): {gemm['gflops']:.1f} GFLOP/s"
+        if eff.get("gram_gflops") is not None:
+            line += (f"; layer-wise gram of the MLP similarity (N = {eff['n']}): {eff['gram_gflops']:.1f} GFLOP/s "
+                     f"({eff['efficiency']:.0%} of torch.mm)")
+        lines += ["", line + "."]
+    threads = res.get("threads_summary") or {}
+    if threads:
+        lines += ["", "Threads (wall time, 1 vs 2 torch threads): " + "; ".join(
+            f"{k}: {v['wall_1']:.3g} s vs {v['wall_2']:.3g} s" for k, v in threads.items()) + "."]
+    goals = res.get("goals") or []
+    if goals:
+        lines += ["", "| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
+        for g in goals:
+            m = g.get("measured")
+            note = f" — {g['note']}" if g.get("note") else ""
+            lines.append(f"| {_cell(g.get('goal'))}{_cell(note) if note else ''} | {'—' if m is None else f'{m:.3g}'} "
+                         f"| {_cell(g.get('target'))} | {'yes' if g.get('met') else 'no'} |")
+    lines += ["", f"<sub>generated from `bench/results.json` ({res.get('mode', '?')} mode)</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def _has_markers(text: str, start: str, end: str) -> bool:
+    return text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+
+
+def _fill(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+def update_readme(readme: Path | str | None = None, figures: Path | str | None = None,
+                  bench_results: Path | str | None = None) -> Path:
     """Replace the text between the results markers of `readme` with the generated table.
+
+    If `readme` also holds one `<!-- performance:start -->` followed by one
+    `<!-- performance:end -->` and the bench results exist, the text between those is
+    replaced by `performance_markdown(bench_results)`; otherwise that section is left alone.
 
     Args:
         readme: defaults to `<repo>/README.md`.
         figures: defaults to `<repo>/figures/`.
+        bench_results: defaults to `<repo>/bench/results.json`.
 
     Raises:
-        ValueError: the markers are missing, repeated or out of order (the README is then
-            left as it was).
+        ValueError: the results markers are missing, repeated or out of order (the README is
+            then left as it was).
     """
     root = repo_root()
     readme = Path(readme) if readme is not None else root / "README.md"
     figures = Path(figures) if figures is not None else root / "figures"
+    bench_results = Path(bench_results) if bench_results is not None else root / "bench" / "results.json"
     text = readme.read_text(encoding="utf-8")
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+    if not _has_markers(text, START, END):
         raise ValueError(f"{readme} must contain exactly one {START} followed by one {END}")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    new = f"{head}{START}\n{results_markdown(figures)}{END}{tail}"
+    new = _fill(text, START, END, results_markdown(figures))
+    if _has_markers(new, PERF_START, PERF_END) and bench_results.is_file():
+        new = _fill(new, PERF_START, PERF_END, performance_markdown(bench_results))
     if new != text:
         _atomic_write_text(readme, new)
     return readme
@@ -224,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("update-readme", help="regenerate the README results table from figures/*.json")
     up.add_argument("--readme", type=Path, default=None, help="default: <repo>/README.md")
     up.add_argument("--figures", type=Path, default=None, help="default: <repo>/figures")
+    up.add_argument("--bench-results", type=Path, default=None,
+                    help="default: <repo>/bench/results.json (fills the performance markers if present)")
     args = parser.parse_args(argv)
     if args.command == "update-readme":
         try:
-            path = update_readme(args.readme, args.figures)
+            path = update_readme(args.readme, args.figures, args.bench_results)
         except (OSError, ValueError) as err:
             print(f"update-readme: {err}", file=sys.stderr)
             return 1

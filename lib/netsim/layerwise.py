@@ -6,13 +6,15 @@ Delta^a(x). One batched forward (hooks record X) and d batched backward passes (
 sum_x f^a(x) w.r.t. each module output; samples do not interact) give both for a whole chunk.
 Per-layer rules then turn them into kernel blocks:
 
-- Linear (inputs `(n, in)`): grad_W = Delta^T X, grad_b = Delta. Never materialised: the gram
-  between samples is (Delta_x . Delta_y) * (X_x . X_y + 1), O(n m (in + out)) instead of
-  O(n m in out) -- the layer is kept as the factors ("linear" entries).
+- Linear (inputs `(n, in)`): grad_W = Delta^T X, grad_b = Delta. Kept as the factors
+  ("linear" entries): the gram between samples is (Delta_x . Delta_y) * (X_x . X_y + 1),
+  O(n m (in + out)) instead of O(n m in out). Tiny layers (e.g. 2 inputs or 1 output) are
+  materialised instead, as their factored grams would starve the GEMMs.
 - Conv2d (groups = 1): per-sample gradients by `unfold`, Delta (out, P) @ U(P, in k k)^T;
   convolution parameters are few, so they are materialised ("dense" entries).
-- Any other module with direct parameters: the generic rule, a torch.func vjp of that module
-  alone at its recorded input with cotangent Delta, vmapped over samples ("dense").
+- Any other module with direct parameters: the generic rule -- per-sample copies of its
+  parameters, one vmapped forward of that module alone, one batched backward per output
+  row with cotangent Delta ("dense").
 
 `factorise` refuses models whose structure breaks the rules (a module called twice, shared or
 tied parameters, parameters used outside their module); callers then fall back to the
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vmap
 
 from .grads import OutputFn, _as_output_matrix, _check_inputs, _check_model_mode, trainable_parameters
 
@@ -62,9 +64,6 @@ class DenseFactors:
 
     grads: Tensor
     names: tuple = ()
-
-
-Factors = list  # one LinearFactors / DenseFactors per parameterised module, in model order
 
 
 def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:

@@ -182,6 +182,12 @@ def test_performance_markdown(tmp_path):
     assert "Test CPU" in md and "quick" in md and "Note:" not in md
     path.write_text(json.dumps(dict(RESULTS, note="rows | merged")))
     assert "Note: rows \\| merged" in report.performance_markdown(path)
+    budgets = {"note": "measured", "date": "d", "rows": [
+        {"what": "run_tests", "seconds": 201.4, "budget_s": 900, "met": True},
+        {"what": "run_all_paper", "seconds": 4000.0, "budget_s": 3600, "met": False}]}
+    path.write_text(json.dumps(dict(RESULTS, budgets=budgets)))
+    md = report.performance_markdown(path)
+    assert "| run_tests | 201 | 900 | yes |" in md and "| run_all_paper | 4000 | 3600 | no |" in md
 
 
 README = f"""# netsim

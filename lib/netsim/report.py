@@ -254,6 +254,13 @@ def performance_markdown(results_json_path: Path | str) -> str:
             note = f" — {g['note']}" if g.get("note") else ""
             lines.append(f"| {_cell(g.get('goal'))}{_cell(note) if note else ''} | {'—' if m is None else f'{m:.3g}'} "
                          f"| {_cell(g.get('target'))} | {'yes' if g.get('met') else 'no'} |")
+    budgets = res.get("budgets")
+    if budgets:
+        lines += ["", f"Run-time budgets ({_cell(budgets.get('note'))}; `bench/budgets.py`, {budgets.get('date', '?')}):", "",
+                  "| What | Seconds | Budget (s) | Met |", "| --- | --- | --- | --- |"]
+        for row in budgets.get("rows", []):
+            lines.append(f"| {_cell(row.get('what'))} | {row.get('seconds', float('nan')):.0f} | "
+                         f"{row.get('budget_s', '?')} | {'yes' if row.get('met') else 'no'} |")
     lines += ["", f"<sub>generated from `bench/results.json` ({res.get('mode', '?')} mode)</sub>"]
     return "\n".join(lines) + "\n"
 

@@ -139,13 +139,12 @@ def similarity_plan(b, method: str) -> dict:
     from netsim.kernel import DEFAULT_BLOCK_BYTES
     engine = _engine(b, method)
     d, itemsize = 1, 4
+    per_sample = engine.bytes_per_sample(d, itemsize)
     if engine.name == "layerwise":
-        per_sample = engine.bytes_per_sample(d, itemsize, b.inputs[:2], None if b.targets is None else b.targets[:2])
         from netsim import layerwise
         factors = layerwise.factorise(b.model, b.inputs[:1], b.output_fn, None if b.targets is None else b.targets[:1])
         pair_flops = sum(_layer_pair_flops(f) for f in factors)
     else:
-        per_sample = engine.bytes_per_sample(d, itemsize)
         pair_flops = 2 * d * num_parameters(b.model)
     square = int(math.sqrt(DEFAULT_BLOCK_BYTES / (4 * d * d * itemsize)))
     rows = max(engine.chunk, min(DEFAULT_BLOCK_BYTES // max(per_sample, 1), square))

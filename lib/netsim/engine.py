@@ -106,8 +106,9 @@ class LayerwiseEngine:
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
                  probe: list | None = None):
         self.model, self.output_fn = model, output_fn
-        per_sample = sum(t.numel() * t.element_size() for t in _tensors(probe)) if probe else 0
-        self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(per_sample, 1))))
+        # factor bytes of one sample, from the one-sample probe that selected this engine
+        self.sample_bytes = sum(t.numel() * t.element_size() for t in _tensors(probe)) if probe else 0
+        self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, inputs.shape[0], self.chunk):
@@ -120,10 +121,8 @@ class LayerwiseEngine:
         """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
         return layerwise.sums_as_parameters(self._template, sums, row, self.model)
 
-    def bytes_per_sample(self, d: int, itemsize: int, probe: Tensor | None = None,
-                         probe_targets: Tensor | None = None) -> int:
-        factors = layerwise.factorise(self.model, probe, self.output_fn, probe_targets)
-        return sum(t.numel() for t in _tensors(factors)) * itemsize // probe.shape[0]
+    def bytes_per_sample(self, d: int, itemsize: int) -> int:
+        return self.sample_bytes
 
     @staticmethod
     def size(rep: list) -> int:

@@ -282,8 +282,7 @@ def similarity(
     engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
     n, m = xs.shape[0], ys.shape[0]
     first = next(iter(trainable_parameters(model).values()))
-    per_sample = (engine.bytes_per_sample(d, first.element_size(), xs[:2], None if x_targets is None else x_targets[:2])
-                  if engine.name == "layerwise" else engine.bytes_per_sample(d, first.element_size()))
+    per_sample = engine.bytes_per_sample(d, first.element_size())
     # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
     # (rows x rows on the diagonal): both must fit the budget.
     square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .distributed import all_reduce_, gather_rows, shard
 from .engine import engine_for
 from .grads import OutputFn, output_jvp
-from .kernel import ZeroGradientError, psd_power, similarity
+from .kernel import left_factor, similarity
 
 ESTIMATORS = ("hard", "soft", "positive")
 
@@ -113,11 +113,8 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
 def _normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> Tensor:
     """`(n, d, d)` left factors K(x,x)^-1/2 / sqrt(rank), so that k^C(x, x') becomes the plain
     Frobenius product <Q_x, Q_x'> of Q = factor J."""
-    k_self = engine.self_gram(rep)
-    factor, rank = psd_power(k_self, -0.5, rtol)
-    if on_zero == "raise" and bool((rank == 0).any()):
-        raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
-    scale = torch.where(rank > 0, rank.to(k_self.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=k_self.dtype))
+    factor, rank = left_factor(rep, "correlation", rtol, on_zero, offset, engine)
+    scale = torch.where(rank > 0, rank.to(factor.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=factor.dtype))
     return factor * scale[:, None, None]
 
 
@@ -165,9 +162,10 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
         ref_rows, query_rows = shard(len(reference), process_group), shard(len(xs), process_group)
     normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
     if len(reference[ref_rows]) == 0:  # an empty shard adds zeros of the right structure
-        probe = _normalised_sums(engine, reference[:1], None if reference_targets is None else reference_targets[:1],
+        total = _normalised_sums(engine, reference[:1], None if reference_targets is None else reference_targets[:1],
                                  rtol, on_zero, 0)
-        total = [t * 0 if isinstance(t, Tensor) else tuple(None if u is None else u * 0 for u in t) for t in probe]
+        for t in engine.sum_tensors(total):
+            t.zero_()
     else:
         total = _normalised_sums(engine, reference[ref_rows],
                                  None if reference_targets is None else reference_targets[ref_rows],

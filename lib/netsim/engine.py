@@ -49,6 +49,11 @@ class JacobianEngine:
         return rep.shape[0]
 
     @staticmethod
+    def shape(rep: Tensor) -> tuple[int, int]:
+        """(n samples, d outputs)."""
+        return rep.shape[0], rep.shape[1]
+
+    @staticmethod
     def cat(reps: list[Tensor]) -> Tensor:
         return reps[0] if len(reps) == 1 else torch.cat(reps)
 
@@ -106,19 +111,21 @@ class LayerwiseEngine:
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
                  probe: list | None = None):
         self.model, self.output_fn = model, output_fn
-        # factor bytes of one sample, from the one-sample probe that selected this engine
+        # The one-sample probe that selected this engine: its size per sample, and its layout
+        # (layer kinds, parameter names), which `tangent` maps sums back to parameters with.
+        self._template = probe
         self.sample_bytes = sum(t.numel() * t.element_size() for t in _tensors(probe)) if probe else 0
         self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, inputs.shape[0], self.chunk):
             sub = None if targets is None else targets[start:start + self.chunk]
-            factors = layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
-            self._template = factors
-            yield start, factors
+            yield start, layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
 
     def tangent(self, sums: list, row: int) -> dict[str, Tensor]:
         """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
+        if self._template is None:
+            raise ValueError("tangent needs the layer layout: build the engine with engine_for (or a probe)")
         return layerwise.sums_as_parameters(self._template, sums, row, self.model)
 
     def bytes_per_sample(self, d: int, itemsize: int) -> int:
@@ -126,8 +133,13 @@ class LayerwiseEngine:
 
     @staticmethod
     def size(rep: list) -> int:
+        return LayerwiseEngine.shape(rep)[0]
+
+    @staticmethod
+    def shape(rep: list) -> tuple[int, int]:
+        """(n samples, d outputs)."""
         f = rep[0]
-        return (f.grads if isinstance(f, layerwise.DenseFactors) else f.x).shape[0]
+        return tuple((f.grads if isinstance(f, layerwise.DenseFactors) else f.delta).shape[:2])
 
     @staticmethod
     def cat(reps: list[list]) -> list:
@@ -135,12 +147,12 @@ class LayerwiseEngine:
             return reps[0]
         out = []
         for layer in zip(*reps):
-            if isinstance(layer[0], layerwise.DenseFactors):
-                out.append(layerwise.DenseFactors(torch.cat([f.grads for f in layer])))
+            f0 = layer[0]
+            if isinstance(f0, layerwise.DenseFactors):
+                out.append(layerwise.DenseFactors(torch.cat([f.grads for f in layer]), f0.names))
             else:
-                f0 = layer[0]
-                out.append(layerwise.LinearFactors(torch.cat([f.x for f in layer]),
-                                                   torch.cat([f.delta for f in layer]), f0.bias, f0.weight))
+                out.append(layerwise.LinearFactors(torch.cat([f.x for f in layer]), torch.cat([f.delta for f in layer]),
+                                                   f0.bias, f0.weight, f0.names))
         return out
 
     self_gram = staticmethod(layerwise.self_gram)
@@ -148,14 +160,11 @@ class LayerwiseEngine:
     summed = staticmethod(layerwise.summed)
     add_sums = staticmethod(layerwise.add_sums)
     sum_tensors = staticmethod(layerwise.sums_as_tensors)
+    dot_with_sums = staticmethod(layerwise.dot_with_sums)
 
     @staticmethod
     def gram(rx: list, ry: list, trace: bool) -> Tensor:
-        return layerwise.gram(rx, ry, trace=trace)
-
-    @staticmethod
-    def dot_with_sums(rep: list, sums: list) -> Tensor:
-        return layerwise.dot_with_sums(rep, sums)
+        return layerwise.gram(rx, ry, trace=trace)  # the engine interface takes trace positionally
 
 
 def _tensors(factors: list) -> list[Tensor]:

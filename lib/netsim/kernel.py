@@ -95,24 +95,31 @@ def psd_power(k_self: Tensor, power: float, rtol: float | None = None) -> tuple[
     return out.to(k_self.dtype), keep.sum(-1)
 
 
-def _prepare(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
-             engine=JacobianEngine) -> tuple[object, Tensor]:
-    """Left factors applied to one side's Jacobians, and the ranks used by the reductions.
+def left_factor(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
+                engine=JacobianEngine) -> tuple[Tensor | None, Tensor]:
+    """The normalisation of one side's Jacobians, the one place it is computed.
 
-    Args:
-        rep: Jacobians of n samples in the engine's representation (`(n, d, p)` by default).
+    Returns `(factor, rank)`: factor `(n, d, d)` is K(x,x)^-1/2 (correlation) or K(x,x)^+
+    (influence), None for inner (no normalisation); rank `(n,)` is rank K(x, x) (d for inner).
 
-    Returns `(Q, rank)`: Q is K(x,x)^-1/2 J (correlation), K(x,x)^+ J (influence) or J (inner),
-    in the same representation; rank `(n,)` is rank K(x, x) (d for inner: no normalisation).
+    Raises:
+        ZeroGradientError: samples with a zero gradient, unless `on_zero="zero"`.
     """
-    k_self = engine.self_gram(rep)
-    n, d = k_self.shape[:2]
     if kind == "inner":
-        return rep, torch.full((n,), d, device=k_self.device)
-    factor, rank = psd_power(k_self, -0.5 if kind == "correlation" else -1.0, rtol)
+        n, d = engine.shape(rep)
+        return None, torch.full((n,), d)
+    factor, rank = psd_power(engine.self_gram(rep), -0.5 if kind == "correlation" else -1.0, rtol)
     if on_zero == "raise" and bool((rank == 0).any()):
         raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
-    return engine.transform(rep, factor), rank
+    return factor, rank
+
+
+def _prepare(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
+             engine=JacobianEngine) -> tuple[object, Tensor]:
+    """`(Q, rank)`: Q = K(x,x)^-1/2 J (correlation), K(x,x)^+ J (influence) or J (inner), in the
+    engine's representation (`(n, d, p)` by default); see `left_factor`."""
+    factor, rank = left_factor(rep, kind, rtol, on_zero, offset, engine)
+    return (rep if factor is None else engine.transform(rep, factor)), rank
 
 
 def _block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
@@ -143,7 +150,7 @@ def _reduce(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: Tenso
         norm = torch.sqrt(rank_x.double().unsqueeze(1) * rank_y.double().unsqueeze(0))
     else:
         norm = rank_x.double().unsqueeze(1).expand(-1, rank_y.shape[0])
-    norm = norm.to(block.dtype)
+    norm = norm.to(block)  # dtype and device: the ranks may live on the CPU
     # A zero norm only occurs for samples given similarity 0 by on_zero="zero".
     return torch.where(norm > 0, block / norm.clamp_min(1), torch.zeros_like(block))
 
@@ -160,8 +167,7 @@ def _prepare_columns(rep, kind: str, rtol, on_zero, offset: int, engine=Jacobian
     """The column side: influence only normalises by the row input x, so J_y stays raw
     (a point with zero gradient is simply not moved by anything)."""
     if kind == "influence":
-        n = engine.size(rep)
-        return rep, torch.full((n,), 1, device="cpu")
+        return rep, torch.ones(engine.shape(rep)[0])
     return _prepare(rep, kind, rtol, on_zero, offset, engine)
 
 

@@ -137,3 +137,15 @@ def test_all_counts_names_and_values():
     assert list(counts) == ["N_S", "N_tau=0.5", "N_tau=0.9", "N_alpha=2^+"]
     torch.testing.assert_close(counts["N_tau=0.9"], density.hard_count(kc, 0.9))
     torch.testing.assert_close(counts["N_alpha=2^+"], density.positive_count(kc, 2))
+
+
+def test_soft_neighbour_counts_honour_the_engine_options():
+    """Options such as on_zero and method reach the soft estimate too (they used to be dropped)."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]))
+        model[0].bias.zero_()
+    xs = torch.tensor([[1.0, 2.0], [-1.0, -1.0], [0.5, 0.1]])   # sample 1: every unit off
+    counts = netsim.neighbour_counts(model, xs, estimator="soft", on_zero="zero", method="jacobian")
+    assert counts[1] == 0 and torch.isfinite(counts).all()
+    torch.testing.assert_close(counts, netsim.similarity(model, xs, on_zero="zero").sum(1), rtol=1e-5, atol=1e-5)

@@ -25,6 +25,8 @@ from .grads import OutputFn, output_jvp
 from .kernel import left_factor, similarity
 
 ESTIMATORS = ("hard", "soft", "positive")
+#: `similarity` options that `soft_density` takes too (the rest, e.g. max_block_bytes, are matrix-only).
+_SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group")
 
 
 def _check_tau(tau: float) -> None:
@@ -101,7 +103,8 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
     counts need the `(N, N)` k^C matrix (streamed by `similarity`, O(N^2) memory).
     """
     if estimator == "soft":
-        return soft_density(model, xs, output_fn=output_fn, targets=targets)
+        shared = {k: v for k, v in similarity_kwargs.items() if k in _SOFT_DENSITY_OPTIONS}
+        return soft_density(model, xs, output_fn=output_fn, targets=targets, **shared)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_tau(tau) if estimator == "hard" else _check_alpha(alpha)

@@ -119,3 +119,16 @@ def test_chain_composes_stage_corrections_in_full_resolution_pixels():
     many = chain.align_many(torch.rand(2, 3, 64, 64), [[SQUARE], []])
     torch.testing.assert_close(many[0][0], SQUARE + shift)
     assert many[1] == []
+
+
+def test_group_norm_option_makes_each_output_independent_of_the_batch():
+    torch.manual_seed(0)
+    net = RegistrationNet(cap=3.0, channels=(4, 8), zero_init=False, norm="group")
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == 2 * 6  # 2 per conv block: 2 encoders x 2 levels, fuse, decoder
+    image, raster = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    net.train()
+    together = net(image, raster)
+    alone = torch.cat([net(image[i:i + 1], raster[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone)  # per-sample statistics: unlike BatchNorm
+    with pytest.raises(ValueError, match="norm"):
+        RegistrationNet(norm="batch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -51,6 +52,10 @@ def test_perturbations_reach_their_amplitude_without_folding():
         assert field.shape == (2, height, height)
         assert float(field.abs().max()) == pytest.approx(amplitude, rel=0.02)
         assert _max_gradient(field) < 9 * amplitude / height
+    # "bumps": the label noise's own recipe, same amplitude rule, drawn small and upsampled.
+    bumps = perturbation_field(256, 256, 12.0, generator, kind="bumps", cov_scale=0.03)
+    assert float(bumps.abs().max()) == pytest.approx(12.0, rel=0.02)
+    assert _max_gradient(bumps) < 0.5
     constant = perturbation_field(8, 8, 3.0, generator, kind="constant")
     assert torch.equal(constant, constant[:, :1, :1].expand_as(constant)) and constant.abs().max() <= 3.0
 
@@ -205,3 +210,57 @@ def test_rounds_are_deterministic_and_cached(tmp_path, monkeypatch):
 def test_move_cadasters_checks_lengths():
     with pytest.raises(ValueError, match="cadasters"):
         move_cadasters([[SQUARE]], torch.zeros(2, 2, 8, 8))
+
+
+def test_warmup_schedule_rises_then_decays_to_zero():
+    net = torch.nn.Linear(1, 1)
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    original = torch.optim.Adam
+    torch.optim.Adam = Spy
+    try:
+        image = torch.rand(2, 3, 8, 8)
+        stage = RegistrationNet(cap=1.0, channels=(2,))
+        train_stage(stage, image, torch.zeros_like(image), steps=10, batch_size=1, amplitude=1.0,
+                    generator=torch.Generator().manual_seed(0), lr=1.0, crop=None, warmup=4)
+    finally:
+        torch.optim.Adam = original
+    assert seen[:4] == pytest.approx([0.25 * (k + 1) * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(4)])
+    assert seen[3] == max(seen) and seen[-1] < 0.05
+    del net
+
+
+def test_heldout_tiles_and_the_noise_sweep():
+    cfg = types.SimpleNamespace(**{**TINY, "heldout_tiles": 1, "sweep_noise_factors": [0.5, 2.0]})
+    result = run_rounds(cfg, rounds=1, clean=False, controls=("biased", "sweep"),
+                        train_fn=lambda images, labels, cfg, *, seed: {"chain": ShiftChain(0.0)})
+    assert len(result["heldout"]["truth"]) == 1 and result["heldout"]["noise"]["median"] > 0
+    assert result["rounds"][0]["heldout"]["median"] == pytest.approx(result["heldout"]["noise"]["median"])
+    sweep = [result["controls"][f"noise{f:g}"] for f in (0.5, 2.0)]
+    assert [c["noise_factor"] for c in sweep] == [0.5, 2.0]
+    assert sweep[0]["noise"]["median"] < result["noise"]["median"] < sweep[1]["noise"]["median"]
+    # the biased control's held-out labels carry the same shift as its training labels
+    biased = result["controls"]["biased"]
+    shift = biased["noisy"][0][0][0] - result["truth"][0][0][0]
+    held = [p - q for c, t in zip(biased["rounds"][0]["heldout_labels"], result["heldout"]["truth"]) for p, q in zip(c, t)]
+    torch.testing.assert_close(torch.cat(held), shift.expand(sum(len(p) for p in held), 2), atol=1e-4, rtol=0)
+
+
+def test_worker_processes_give_the_same_chains(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.config, "cache_dir", lambda experiment, profile, cfg: tmp_path / "one")
+    cfg = types.SimpleNamespace(**{**TINY, "heldout_tiles": 1})
+    one = run_rounds(cfg, profile="smoke", rounds=1, controls=("biased",))
+    monkeypatch.setattr(train.config, "cache_dir", lambda experiment, profile, cfg: tmp_path / "two")
+    two = run_rounds(cfg, profile="smoke", rounds=1, controls=("biased",), workers=2)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["biased_round0.pt", "clean_round0.pt", "round0.pt"]
+    for a, b in ((one["rounds"][0], two["rounds"][0]), (one["clean"], two["clean"]),
+                 (one["controls"]["biased"]["rounds"][0], two["controls"]["biased"]["rounds"][0])):
+        assert a["losses"] == b["losses"]
+        assert torch.equal(a["errors"], b["errors"])
+    with pytest.raises(ValueError, match="profile"):
+        run_rounds(cfg, rounds=1, workers=2)

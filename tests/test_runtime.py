@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -65,3 +66,15 @@ def test_build_seeded_depends_on_the_seed_only_and_leaves_the_global_rng_alone()
     b = build_seeded(lambda: torch.nn.Linear(3, 2), 5)
     c = build_seeded(lambda: torch.nn.Linear(3, 2), 6)
     assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
+
+
+def test_default_workers_reads_the_environment(monkeypatch):
+    from netsim.runtime import default_workers
+    monkeypatch.setenv("NETSIM_WORKERS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("NETSIM_WORKERS", "zero")
+    with pytest.raises(ValueError, match="NETSIM_WORKERS"):
+        default_workers()
+    monkeypatch.delenv("NETSIM_WORKERS")
+    monkeypatch.setenv("NETSIM_THREADS", "1")
+    assert default_workers() == max(1, os.cpu_count() or 1)

@@ -43,6 +43,19 @@ def configure_threads(n: int | None = None) -> int:
     return count
 
 
+def default_workers() -> int:
+    """How many single-threaded worker processes to run side by side: ``$NETSIM_WORKERS``, else
+    the CPU count divided by the thread count (`configure_threads`'s), at least 1."""
+    env = os.environ.get("NETSIM_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"NETSIM_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    threads = os.environ.get("NETSIM_THREADS", "").strip()
+    per_worker = int(threads) if threads.isdigit() and int(threads) > 0 else 1
+    return max(1, (os.cpu_count() or 1) // per_worker)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, NumPy's global generator and torch (CPU and all devices).
 

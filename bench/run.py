@@ -10,7 +10,12 @@ What is measured (see bench/README.md for the full protocol):
 - per_sample_grads / soft_density / similarity (k^C, trace, N x N) with netsim's two engines
   (method="layerwise", method="jacobian") and two baselines run in the same session: the naive
   per-sample backward loop (the authors' method) and plain torch.func vmap(grad); the
-  baselines materialise G (N x p) and then normalise, sum, dot / G G^T.
+  baselines materialise G (N x d x p) and then normalise, sum, dot / G G^T.
+- the peers of bench/peers.py when the optional `bench` extra is installed (BackPACK, Opacus,
+  nngeometry, Captum; listed as "not installed" otherwise): G from BackPACK / Opacus /
+  nngeometry's Jacobian, then the same dense steps; the N x N kernel from nngeometry's
+  GramMatrix and Captum's TracInCP. Every G and every peer kernel is checked against netsim
+  on the first samples (`check` in the row).
 
 Timing: process CPU time (`time.process_time`) with torch.set_num_threads(1) (unless stated),
 median of the repetitions (3 full / up to 2 quick; fewer when a run is long, see `--rep-budget`).
@@ -54,20 +59,24 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402  (imported, never used for compute in the driver: children fork from it)
 
 import models as M  # noqa: E402
+import peers as P  # noqa: E402  (imports no peer library: they load in the children that use them)
 
 FULL_SIZES = (1024, 4096, 16384)
 QUICK_SIZES = (256, 1024)
 TASKS = ("epoch", "grads:jacobian", "grads:layerwise", "soft:layerwise", "soft:jacobian",
-         "sim:layerwise", "sim:jacobian", "naive", "vmap")
+         "sim:layerwise", "sim:jacobian", "naive", "vmap", *(f"peer:{m}" for m in P.PEERS))
 TASK_NAMES = {"grads": "per_sample_grads", "soft": "soft_density", "sim": "similarity"}
 METHOD_NAMES = {"layerwise": "ours: layerwise", "jacobian": "ours: jacobian", "naive": "naive loop",
-                "vmap": "torch.func vmap", "epoch": "epoch (ref)"}
+                "vmap": "torch.func vmap", "epoch": "epoch (ref)", **{m: p.label for m, p in P.PEERS.items()}}
 PROBE = 64            # samples of the timed probe used for projections
 WARMUP = 8            # samples of the untimed warm-up run
 GEMM_N = 2048         # size of the square torch.mm reference GEMM
 FAST_RUN, FAST_REPS = 0.1, 7  # runs under 0.1 s CPU are repeated 7 times
 GRAM_EFF = 0.5        # assumed gram efficiency vs torch.mm in the similarity projections
 DENSE_EFF = 0.7       # same for the dense G G^T of the baselines
+CHECK_N = 32          # samples on which every G / peer kernel is compared with netsim
+CHECK_RTOL_G = 1e-4   # max |G - G_netsim| / max |G_netsim|
+CHECK_ATOL_K = 1e-3   # max |k^C - k^C_netsim| (k^C is unitless, |k^C| <= 1)
 
 
 # =========================================================================== child side
@@ -138,7 +147,7 @@ def similarity_plan(b, method: str) -> dict:
     from netsim.grads import num_parameters
     from netsim.kernel import DEFAULT_BLOCK_BYTES
     engine = _engine(b, method)
-    d, itemsize = 1, 4
+    d, itemsize = b.d, 4
     per_sample = engine.bytes_per_sample(d, itemsize)
     if engine.name == "layerwise":
         from netsim import layerwise
@@ -215,7 +224,41 @@ class GramMeter:
 
 def _g_bytes(b) -> int:
     from netsim.grads import num_parameters
-    return b.n * 1 * num_parameters(b.model) * 4
+    return b.n * b.d * num_parameters(b.model) * 4
+
+
+def check_grads(b, G) -> dict:
+    """Compares the first rows of a materialised `(N, d, p)` G with `netsim.per_sample_grads`
+    (4 samples at a time: the check must not raise the measurement's peak memory)."""
+    import netsim
+    m = min(b.n, CHECK_N)
+    diff = scale = 0.0
+    for start in range(0, m, 4):
+        stop = min(m, start + 4)
+        x, t = b.inputs[start:stop], None if b.targets is None else b.targets[start:stop]
+        ref = netsim.per_sample_grads(b.model, x, output_fn=b.output_fn, targets=t)
+        diff = max(diff, (G[start:start + ref.shape[0]] - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    err = diff / max(scale, 1e-30)
+    return {"against": "netsim.per_sample_grads", "n": m, "max_rel_err": err, "ok": err <= CHECK_RTOL_G}
+
+
+def check_similarity(b, kc) -> dict:
+    """Compares the leading block of an N x N k^C with `netsim.similarity` on those samples."""
+    m = min(b.n, CHECK_N)
+    ref = M.ours_similarity(b.subset(m), "auto")
+    err = (kc[:m, :m] - ref).abs().max().item()
+    return {"against": "netsim.similarity", "n": m, "max_abs_err": err, "ok": err <= CHECK_ATOL_K}
+
+
+def _checked(row: dict, check: dict | None) -> dict:
+    """Attaches the check; a result that differs from netsim's is not reported as ok."""
+    if check is not None:
+        row["check"] = check
+        if not check["ok"] and row["status"] == "ok":
+            err = check.get("max_rel_err", check.get("max_abs_err"))
+            row["status"] = f"mismatch: differs from {check['against']} by {err:.2g}"
+    return row
 
 
 def child_measure(model: str, n: int, task: str, *, cap: float, reps: int, rep_budget: float,
@@ -245,7 +288,7 @@ def child_measure(model: str, n: int, task: str, *, cap: float, reps: int, rep_b
     result = rows_from(run, projected, cap, reps, rep_budget, rss0)
     from netsim.grads import num_parameters
     return {"rows": result, "rss_setup_mb": rss0, "threads": threads, "loadavg": os.getloadavg(),
-            "params": num_parameters(b.model)}
+            "params": num_parameters(b.model), "d": b.d}
 
 
 def _task(task: str, b, mm_gflops: float):
@@ -298,38 +341,49 @@ def _task(task: str, b, mm_gflops: float):
             return [_row(TASK_NAMES[kind], method, cpu, wall, **extra)]
         return fn, project, rows_from
 
-    if task in ("naive", "vmap"):
-        build = M.naive_grads if task == "naive" else M.vmap_grads
+    prepared = None
+    if kind == "peer":
+        prepared = P.prepare(method, b)
+        extra_info = {k: v for k, v in (("variant", prepared.variant), ("as_given_error", prepared.as_given_error),
+                                        ("captum_mode", prepared.mode)) if v is not None}
+        if prepared.kind == "gram":
+            return _gram_peer_task(b, prepared, extra_info, rate)
+
+    if task in ("naive", "vmap") or prepared is not None:
+        build = M.naive_grads if task == "naive" else M.vmap_grads if task == "vmap" else P.quiet(prepared.run)
+        name = task if prepared is None else method
+        info = {} if prepared is None else extra_info
 
         def run_small(bb):
-            G = build(bb)
-            M.dense_soft_density(G)
-            G = build(bb)
-            M.dense_similarity(G)
+            M.dense_soft_density(build(bb))
+            M.dense_similarity(build(bb))
 
         def project(probe, n):
             tG = timed_probe(build, probe) * n / probe.n
             p = sum(q.numel() for q in probe.model.parameters() if q.requires_grad)
-            return {"grads": tG, "soft": tG * 1.02, "sim": tG + 2.0 * n * n * p / (DENSE_EFF * rate)}
+            return {"grads": tG, "soft": tG * 1.02, "sim": tG + 2.0 * n * n * probe.d * p / (DENSE_EFF * rate)}
 
         def rows_from(run, projected, cap, reps, rep_budget, rss0):
             projected = projected or {}
             do_sim = projected.get("sim", 0) <= cap
             if projected.get("grads", 0) > cap:
-                return [_row(TASK_NAMES[k], task, status="skipped", projected_s=projected[k])
+                return [_row(TASK_NAMES[k], name, status="skipped", projected_s=projected[k], **info)
                         for k in ("grads", "soft", "sim")]
             times = defaultdict(list)
             walls = defaultdict(list)
             peaks = {}
+            check = None
             for rep in range(max(1, reps)):
                 gc.collect()
                 with Clock() as cg:
                     G = build(b)
                 peaks.setdefault("grads", max(0.0, _maxrss_mb() - rss0))
+                if check is None:  # untimed: the first rows against netsim
+                    check = check_grads(b, G)
                 with Clock() as cn:
-                    Q = M.normalise_(G)
+                    Q = M.dense_normalise(G)
                 with Clock() as cs:
-                    ns = Q @ Q.sum(0)
+                    ns = M.dense_soft(Q)
                 del ns
                 peaks.setdefault("soft", max(0.0, _maxrss_mb() - rss0))
                 times["grads"].append(cg.cpu)
@@ -338,7 +392,7 @@ def _task(task: str, b, mm_gflops: float):
                 walls["soft"].append(cg.wall + cn.wall + cs.wall)
                 if do_sim:
                     with Clock() as ck:
-                        K = Q @ Q.T
+                        K = M.dense_sim(Q)
                     del K
                     peaks.setdefault("sim", max(0.0, _maxrss_mb() - rss0))
                     times["sim"].append(cg.cpu + cn.cpu + ck.cpu)
@@ -350,14 +404,53 @@ def _task(task: str, b, mm_gflops: float):
             out = []
             for k in ("grads", "soft", "sim"):
                 if times[k]:
-                    out.append(_row(TASK_NAMES[k], task, times[k], walls[k], peak_extra_mb=peaks[k],
-                                    projected_s=projected.get(k),
-                                    note="G built once per rep; soft/sim times include building G"))
+                    out.append(_checked(_row(TASK_NAMES[k], name, times[k], walls[k], peak_extra_mb=peaks[k],
+                                             projected_s=projected.get(k), **info,
+                                             note="G built once per rep; soft/sim times include building G"), check))
                 else:
-                    out.append(_row(TASK_NAMES[k], task, status="skipped", projected_s=projected.get(k)))
+                    out.append(_row(TASK_NAMES[k], name, status="skipped", projected_s=projected.get(k), **info))
             return out
         return run_small, project, rows_from
     raise ValueError(f"unknown task {task!r}")
+
+
+def _gram_peer_task(b, prepared, info: dict, rate: float):
+    """A peer that returns the N x N kernel (nngeometry GramMatrix, Captum TracInCP): timed
+    from the inputs to k^C (the peer's raw gram normalised by its diagonal blocks)."""
+    run_peer = P.quiet(prepared.run)
+
+    def run(bb):
+        return M.correlation_from_gram(run_peer(bb))
+
+    def project(probe, n):
+        gc.collect()
+        with Clock() as c:
+            run(probe)
+        # batch passes scale with the batch size up to PEER_BATCH, then with their count
+        unit = c.cpu * min(n, P.PEER_BATCH) / probe.n / P.gram_passes(prepared.method, probe.n, probe.d)
+        p = sum(q.numel() for q in probe.model.parameters() if q.requires_grad)
+        gemm = 2.0 * n * n * probe.d * (probe.d + 1) / 2 * p / (DENSE_EFF * rate)
+        return unit * P.gram_passes(prepared.method, n, probe.d) + gemm
+
+    def rows_from(_run, projected, cap, reps, rep_budget, rss0):
+        if projected is not None and projected > cap:
+            return [_row("similarity", prepared.method, status="skipped", projected_s=projected, **info)]
+        cpu, wall, check, peak = [], [], None, None
+        for _ in range(max(1, reps)):
+            gc.collect()
+            with Clock() as c:
+                kc = run(b)
+            cpu.append(c.cpu)
+            wall.append(c.wall)
+            if check is None:
+                peak = max(0.0, _maxrss_mb() - rss0)
+                check = check_similarity(b, kc)
+            del kc
+            if sum(cpu) + cpu[-1] > rep_budget:
+                break
+        return [_checked(_row("similarity", prepared.method, cpu, wall, peak_extra_mb=peak,
+                              projected_s=projected, **info), check)]
+    return run, project, rows_from
 
 
 def _gemm(reps: int) -> dict:
@@ -583,14 +676,23 @@ def row_cells(r: dict) -> tuple[str, str, str, str]:
     return "—", "—", "—", r["status"]
 
 
+def method_label(r: dict) -> str:
+    label = METHOD_NAMES.get(r["method"], r["method"])
+    variants = [v for v in (r.get("captum_mode"), r.get("variant")) if v]
+    return f"{label} ({'; '.join(variants)})" if variants else label
+
+
 def print_table(results: dict) -> None:
-    hdr = f"{'model':10s} {'N':>6s} {'task':17s} {'method':16s} {'seconds':>8s} {'x epoch':>8s} {'peak MB':>8s}  status"
+    hdr = f"{'model':12s} {'N':>6s} {'task':17s} {'method':24s} {'seconds':>8s} {'x epoch':>8s} {'peak MB':>8s}  status"
     print(hdr)
     print("-" * len(hdr))
     for r in results["results"]:
         s, x, mb, st = row_cells(r)
-        print(f"{r['model']:10s} {r['n'] if r['n'] else '':>6} {r['task']:17s} {METHOD_NAMES.get(r['method'], r['method']):16s} "
+        print(f"{r['model']:12s} {r['n'] if r['n'] else '':>6} {r['task']:17s} {method_label(r):24s} "
               f"{s:>8s} {x:>8s} {mb:>8s}  {st}")
+    peers = results.get("peers") or {}
+    if peers:
+        print("\npeers: " + "; ".join(f"{k}: {v}" for k, v in peers.items()))
 
 
 def merge_results(old: dict, new: dict) -> dict:
@@ -728,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in TASKS[1:] if args.tasks is None or t in args.tasks.split(",")]
     if args.tasks and len(tasks) != len(args.tasks.split(",")):
         ap.error(f"--tasks: choose from {list(TASKS[1:])}")
+    absent = [t for t in tasks if t.startswith("peer:") and not P.installed(t.partition(":")[2])]
+    tasks = [t for t in tasks if t not in absent]
     for nm in names:
         if nm not in M.MODELS:
             ap.error(f"unknown model {nm!r}; choose from {list(M.MODELS)}")
@@ -760,6 +864,10 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     print(f"netsim bench ({res['mode']}): sizes {sizes}, cap {cap:.0f} s, reps {reps}, models {names}", flush=True)
+    res["peers"] = P.status()
+    if absent:
+        print(f"peers not installed, not timed: {', '.join(t.partition(':')[2] for t in absent)} ({P.INSTALL_HINT})",
+              flush=True)
     res["memory"] = spawn(None, args.prefault_gb, "memory", cap_=1e9)
     m = res["memory"]
     if "fault_s_per_gib" in m:
@@ -771,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch.mm {GEMM_N}^2, 1 thread: {gemm['gflops']:.1f} GFLOP/s", flush=True)
 
     skipped_at: dict[tuple[str, str], tuple[int, float | None]] = {}
+    failed_at: dict[tuple[str, str], tuple[int, str]] = {}  # a peer that cannot handle a model
     for model in names:
         available = M.MODELS[model] is not None
         res["models"][model] = {"available": available, "description": M.DESCRIPTIONS[model]}
@@ -795,13 +904,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} N={n}: epoch {t_epoch:.3g} s", flush=True)
             p = ep["params"]  # the driver never builds a model: no torch op before a fork
             res["models"][model]["params"] = p
-            g_bytes = n * p * 4
+            d = ep.get("d", 1)
+            res["models"][model]["d"] = d
+            g_bytes = n * d * p * 4
             for task in tasks:
                 kind, _, method = task.partition(":")
-                materialises = kind == "grads" or task in ("naive", "vmap")
-                out_tasks = [TASK_NAMES[k] for k in ("grads", "soft", "sim")] if task in ("naive", "vmap") \
-                    else [TASK_NAMES[kind]]
+                gram_peer = kind == "peer" and P.PEERS[method].kind == "gram"
+                builds_g = task in ("naive", "vmap") or (kind == "peer" and not gram_peer)
+                # Captum keeps the test Jacobians of all N samples: as much memory as G
+                materialises = kind == "grads" or builds_g or method == "captum"
+                out_tasks = [TASK_NAMES[k] for k in ("grads", "soft", "sim")] if builds_g \
+                    else ["similarity"] if gram_peer else [TASK_NAMES[kind]]
                 meth = method or task
+                if (model, task) in failed_at:  # the same failure at every N: not spawned again
+                    n0, err = failed_at[(model, task)]
+                    for t in out_tasks:
+                        res["results"].append({"model": model, "n": n, "task": t, "method": meth,
+                                               "status": f"error: {err}", "reason": f"as at N={n0}"})
+                    continue
                 if materialises and g_bytes > args.g_limit_gb * 1e9:
                     for t in out_tasks:
                         res["results"].append({"model": model, "n": n, "task": t, "method": meth,
@@ -832,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {task}: ERROR {out['error']}", flush=True)
                     if out["error"].startswith("timed out"):
                         skipped_at[(model, task)] = (n, None)
+                    elif out["error"].startswith("PeerUnsupported"):
+                        failed_at[(model, task)] = (n, out["error"])
                     continue
                 for row in out["rows"]:
                     row.update(model=model, n=n)
@@ -839,9 +961,9 @@ def main(argv: list[str] | None = None) -> int:
                         row["x_epoch"] = row["seconds"] / t_epoch
                     res["results"].append(row)
                     s, x, mb, st = row_cells(row)
-                    print(f"  {row['task']:17s} {METHOD_NAMES[row['method']]:16s} {s:>8s} s {x:>7s}x "
+                    print(f"  {row['task']:17s} {method_label(row):24s} {s:>8s} s {x:>7s}x "
                           f"{mb:>6s} MB  {st}", flush=True)
-                if task in ("naive", "vmap"):
+                if builds_g:
                     sim_rows = [r for r in out["rows"] if r["task"] == "similarity" and r["status"] == "skipped"]
                     if all(r["status"] == "skipped" for r in out["rows"]):
                         skipped_at[(model, task)] = (n, out["rows"][0].get("projected_s"))
@@ -904,12 +1026,6 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(X X^T and Delta Delta^T GEMMs); dense layers 2 d p_l; summed "
                                                   "over the gram calls similarity executes (diagonal blocks in full)"}
 
-    for mod, dist in M.PEERS.items():
-        try:
-            __import__(mod)
-            res["peers"][mod] = "installed (no bench rows yet)"
-        except ImportError:
-            res["peers"][mod] = f"not installed (PyPI: {dist})"
     for r in res["results"]:  # which library code measured the row (merged files mix versions)
         r.setdefault("lib", res["library"]["lib_sha256"])
     if args.merge is not None and args.merge.is_file():

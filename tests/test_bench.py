@@ -31,21 +31,27 @@ def _load(name: str, path: Path):
 
 run = _load("netsim_bench_run", BENCH / "run.py")   # puts bench/ on sys.path, imports bench/models.py
 M = run.M
+P = run.P
 
 N_TINY = 12
 
 
 def _reference(b):
-    """G by one autograd.grad per sample (independent of the bench code), then k^C and N_S."""
+    """G `(N, d, p)` by one autograd.grad per sample and output (independent of the bench
+    code), then k^C (trace: Tr(K_xx^-1/2 K_xy K_yy^-1/2) / d, full rank here) and N_S."""
     params = [p for p in b.model.parameters() if p.requires_grad]
     rows = []
     for i in range(b.n):
         out = b.outputs(b.inputs[i:i + 1], None if b.targets is None else b.targets[i:i + 1])
-        assert out.shape == (1, 1)
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[0, 0], params)]))
+        assert out.shape == (1, b.d)
+        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[0, a], params,
+                                                                                         retain_graph=True)])
+                                 for a in range(b.d)]))
     G = torch.stack(rows).double()
-    Q = G / G.norm(dim=1, keepdim=True)
-    K = Q @ Q.T
+    gram = torch.einsum("xap,ybp->xyab", G, G)
+    evals, evecs = torch.linalg.eigh(gram[torch.arange(b.n), torch.arange(b.n)])
+    root = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2)     # K(x, x)^-1/2
+    K = torch.einsum("xab,xybc,ycd->xyad", root, gram, root).diagonal(dim1=2, dim2=3).sum(-1) / b.d
     return G, K, K.sum(1)
 
 
@@ -59,15 +65,36 @@ def _close(actual, expected, atol):
     torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=atol)
 
 
-def test_registration_listed_as_not_available():
-    assert "registration" in M.MODELS and "registration" not in M.available_models()
-    with pytest.raises(NotImplementedError, match="not yet available"):
-        M.make_bench("registration", 4)
+def test_registration_bench_is_the_registration_net_on_packed_pairs():
+    from netsim.registration.model import RegistrationNet
+    b = M.make_bench("registration", 3)
+    net = b.model.net
+    assert isinstance(net, RegistrationNet) and net.cap == 6.0 and net.channels == (16, 32, 64)
+    assert b.inputs.shape == (3, 6, 64, 64) and b.d == 2
+    # the packed wrapper is the two-input net on the (image, raster) halves
+    torch.testing.assert_close(b.model(b.inputs), net(b.inputs[:, :3], b.inputs[:, 3:]))
+    assert b.outputs(b.inputs, None).shape == (3, 2)
+    assert b.loss(b.model(b.inputs), b.loss_targets).ndim == 0
+
+
+def test_registration_uses_the_conv_rule_for_every_layer(monkeypatch):
+    """The layer-wise engine takes the registration net as it is (ReLU(inplace=True) included):
+    all its parameterised modules are Conv2d, none falls back to the generic rule."""
+    from netsim import layerwise
+
+    def refuse(*args):
+        raise AssertionError("generic rule used")
+
+    monkeypatch.setattr(layerwise, "_generic_rule", refuse)
+    b = M.make_bench("registration", 2)
+    factors = layerwise.factorise(b.model, b.inputs, b.output_fn)
+    assert len(factors) == sum(isinstance(m, torch.nn.Conv2d) for m in b.model.modules()) == 19
+    assert run._engine(b, "auto").name == "layerwise"
 
 
 def test_model_sizes():
     sizes = {name: sum(p.numel() for p in M.make_bench(name, 2).model.parameters()) for name in M.available_models()}
-    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050}
+    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 312_610}
 
 
 def test_per_sample_grads_paths_match_reference(case):
@@ -97,6 +124,21 @@ def test_epoch_leaves_no_gradients():
     assert all(p.grad is None for p in b.model.parameters())
 
 
+def test_dense_steps_for_d_2_match_the_reference():
+    torch.manual_seed(0)
+    G = torch.randn(5, 2, 7)
+    G64 = G.double()
+    gram = torch.einsum("xap,ybp->xyab", G64, G64)
+    evals, evecs = torch.linalg.eigh(gram[torch.arange(5), torch.arange(5)])
+    root = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2)
+    K = torch.einsum("xab,xybc,ycd->xyad", root, gram, root).diagonal(dim1=2, dim2=3).sum(-1) / 2
+    _close(M.correlation_from_gram(gram.float()), K, 1e-5)
+    _close(M.dense_similarity(G.clone()), K, 1e-5)
+    _close(M.dense_soft_density(G.clone()), K.sum(1), 1e-5)
+    # any strides: a (d, N, p) layout seen as (N, d, p), as nngeometry returns it
+    _close(M.dense_similarity(G.permute(1, 0, 2).contiguous().permute(1, 0, 2)), K, 1e-5)
+
+
 @pytest.mark.parametrize("method", ["layerwise", "jacobian"])
 def test_similarity_plan_counts_the_executed_gram_flops(method):
     """The flop formula of the GEMM-efficiency goal equals what the gram calls execute."""
@@ -115,23 +157,88 @@ def test_similarity_plan_counts_the_executed_gram_flops(method):
         else plan["pair_flops"] == 2 * 21_057
 
 
+def test_similarity_plan_counts_the_executed_gram_flops_for_d_2():
+    b = M.make_bench("registration", 6)
+    plan = run.similarity_plan(b, "layerwise")
+    meter = run.GramMeter()
+    try:
+        M.ours_similarity(b, "layerwise")
+    finally:
+        meter.restore()
+    assert meter.flops == plan["counts"](6)[1] * plan["pair_flops"]
+    assert plan["pair_flops"] == 2 * 2 * 312_610   # conv layers are dense: 2 d p_l per pair
+
+
+# --------------------------------------------------------------------------- peers
+# Skipped where the optional `bench` extra is not installed (CI, the default .venv).
+
+PEER_CASES = [(m, model) for m in P.PEERS for model in ("mlp", "mnist_cnn", "cnn1m", "registration")]
+#: (peer, model) pairs the peer cannot handle exactly: PReLU has no BackPACK / nngeometry rule.
+UNSUPPORTED = {("backpack", "mnist_cnn"), ("nngeometry", "mnist_cnn"), ("nngeometry_gram", "mnist_cnn")}
+N_PEER = 6
+
+
+@pytest.fixture(scope="module")
+def peer_reference():
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            b = M.make_bench(model, N_PEER, seed=3)
+            cache[model] = (b, _reference(b))
+        return cache[model]
+    return get
+
+
+def test_peers_listed_whether_installed_or_not():
+    status = P.status()
+    assert set(status) == {"backpack", "opacus", "nngeometry", "captum"}
+    for module, text in status.items():
+        assert text.startswith("installed (") == P.installed(module), text
+
+
+@pytest.mark.parametrize("method,model", PEER_CASES)
+def test_peer_equals_the_reference(method, model, peer_reference):
+    if not P.installed(method):
+        pytest.skip(f"{P.PEERS[method].dist} not installed (optional extra `bench`)")
+    b, (G, K, _) = peer_reference(model)
+    if (method, model) in UNSUPPORTED:
+        with pytest.raises(P.PeerUnsupported, match="PReLU"):
+            P.prepare(method, b)
+        return
+    prepared = P.prepare(method, b)
+    # BackPACK and Opacus hooks cannot follow ReLU(inplace=True): they run on an out-of-place copy
+    inplace_copy = model == "registration" and method in ("backpack", "opacus")
+    assert (prepared.variant is not None) == inplace_copy
+    out = P.quiet(prepared.run)(b)
+    if prepared.kind == "grads":
+        _close(out, G, 1e-5 * G.abs().max().item())
+        _close(M.dense_similarity(out.clone()), K, 1e-4)
+    else:
+        _close(M.correlation_from_gram(out), K, 1e-3)
+    if method == "captum":
+        assert prepared.mode == ("per-example" if model == "mnist_cnn" else "sample-wise trick")
+
+
 @pytest.mark.slow
 def test_run_quick_smoke(tmp_path):
     """The runner end to end on the MLP with N = 64 (~15 s: every measurement forks a process)."""
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--only", "mlp,registration",
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--only", "mlp",
                            "--sizes", "64", "--reps", "1", "--prefault-gb", "0", "--out", str(out)],
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "quick" and res["settings"]["sizes"] == [64]
     assert {"cpu_model", "cores", "torch"} <= set(res["machine"])
-    assert res["models"]["registration"]["available"] is False
+    assert res["models"]["mlp"]["d"] == 1 and set(res["peers"]) == {"backpack", "opacus", "nngeometry", "captum"}
     rows = {(r["task"], r["method"]): r for r in res["results"] if r["model"] == "mlp"}
     for task in ("per_sample_grads", "soft_density", "similarity"):
         for method in ("layerwise", "jacobian", "naive", "vmap"):
             r = rows[(task, method)]
             assert r["status"] == "ok" and r["seconds"] > 0 and r["x_epoch"] > 0 and r["peak_extra_mb"] >= 0
+            if method in ("naive", "vmap"):
+                assert r["check"]["ok"] and r["check"]["against"] == "netsim.per_sample_grads"
     assert rows[("epoch", "epoch")]["x_epoch"] == 1.0
     assert res["gemm"]["gflops"] > 0 and res["memory"]["fault_s_per_gib"] > 0
     assert res["library"]["lib_sha256"] and res["soft_density_profile"]["mlp"]["total_s"] > 0
@@ -139,7 +246,7 @@ def test_run_quick_smoke(tmp_path):
     assert all(isinstance(g["met"], bool) and g["target"] > 0 for g in goals.values())
     assert any("mlp" in k for k in goals) and any("GEMM" in k for k in goals)
     assert {t["threads"] for t in res["threads"]} == {1, 2}
-    assert "not yet available" in proc.stdout and "goals:" in proc.stdout
+    assert "goals:" in proc.stdout and "peers:" in proc.stdout
     md = report.performance_markdown(out)
     assert "| mlp | 64 | soft_density | ours: layerwise |" in md and "| Goal |" in md
 
@@ -157,9 +264,13 @@ RESULTS = {
          "needs_gb": 21.2},
         {"model": "cnn1m", "n": 4096, "task": "similarity", "method": "jacobian", "status": "skipped",
          "projected_s": 999.4},
-        {"model": "registration", "n": None, "task": "—", "method": "—", "status": "not yet available"},
+        {"model": "mnist_cnn", "n": 256, "task": "similarity", "method": "nngeometry_gram",
+         "status": "error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU"},
+        {"model": "registration", "n": 256, "task": "similarity", "method": "backpack", "status": "ok",
+         "seconds": 50.0, "x_epoch": 10.0, "peak_extra_mb": 900.0, "variant": "copy with ReLU(inplace=False)"},
     ],
     "gemm": {"n": 2048, "gflops": 100.0},
+    "peers": {"backpack": "installed (backpack-for-pytorch==1.7.1)", "captum": "not installed (PyPI: captum)"},
     "gemm_efficiency": {"n": 256, "gram_gflops": 70.0, "efficiency": 0.7},
     "threads_summary": {"mlp/epoch": {"wall_1": 1.0, "wall_2": 2.0, "faster_threads": 1}},
     "goals": [{"goal": "soft_density <= 3x epoch (mlp)", "target": 3.0, "measured": 2.5, "met": True},
@@ -175,7 +286,10 @@ def test_performance_markdown(tmp_path):
     assert "| Model | N | Task | Method | Seconds | × epoch | Peak extra MB |" in md
     assert "| mlp | 256 | soft_density | ours: layerwise | 1.25 | 2.5 | 12 |" in md
     assert "| cnn1m | 4096 | per_sample_grads | naive loop | infeasible (G needs 21.2 GB) | — | — |" in md
-    assert "skipped (projected 999 s)" in md and "not yet available" in md
+    assert "skipped (projected 999 s)" in md
+    assert "| nngeometry GramMatrix | error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU |" in md
+    assert "| BackPACK BatchGrad (copy with ReLU(inplace=False)) | 50 | 10 | 900 |" in md
+    assert "Peers: backpack installed (backpack-for-pytorch==1.7.1); captum not installed (PyPI: captum)." in md
     assert "100.0 GFLOP/s" in md and "70%" in md
     assert "| soft_density <= 3x epoch (mlp) | 2.5 | 3 | yes |" in md
     assert "| similarity at N=4096 <= 10x epoch — not measured | — | 10 | no |" in md

@@ -76,6 +76,18 @@ def test_unsupported_structures_are_refused():
         layerwise.factorise(tied, torch.randn(2, 3))
     with pytest.raises(layerwise.UnsupportedModel, match="2 times"):
         layerwise.factorise(_Twice(), torch.randn(2, 3))
-    inplace = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 1))
-    with pytest.raises(layerwise.UnsupportedModel, match="in place"):
-        layerwise.factorise(inplace, torch.randn(2, 3))
+
+
+def test_in_place_modifications_after_a_layer_are_handled():
+    """ReLU(inplace=True) after a layer (the registration net's pattern): the recorded outputs
+    are copies, the factors stay exact."""
+    torch.manual_seed(0)
+    inplace = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 4), nn.ReLU(inplace=True),
+                            nn.Linear(4, 1))
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 2))
+    for model, x in ((inplace, torch.randn(5, 3)), (conv, torch.randn(5, 2, 4, 4))):
+        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)),
+                                   netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
+        assert model in layerwise._COPY_RECORDS  # later chunks copy from the start
+        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x[:2])),
+                                   netsim.per_sample_grads(model, x[:2]), rtol=1e-5, atol=1e-6)

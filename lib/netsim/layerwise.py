@@ -18,7 +18,8 @@ Per-layer rules then turn them into kernel blocks:
 
 `factorise` refuses models whose structure breaks the rules (a module called twice, shared or
 tied parameters, parameters used outside their module); callers then fall back to the
-full-model Jacobians of `netsim.grads`.
+full-model Jacobians of `netsim.grads`. In-place operations on a layer's output (a convolution
+followed by ReLU(inplace=True)) are handled by recording copies (`_record`).
 
 All rules give the same numbers as `per_sample_grads` (tested layer by layer); they only
 avoid forming, storing and multiplying p-long vectors.
@@ -26,6 +27,7 @@ avoid forming, storing and multiplying p-long vectors.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +86,43 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Ten
     return owners
 
 
+#: Models whose forward modifies a recorded module output (or input) in place, e.g. a Conv2d
+#: followed by ReLU(inplace=True): found on their first forward, then recorded with copies.
+_COPY_RECORDS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def _record(model: nn.Module, inputs: Tensor, owners) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Forward pass recording each owner's (input, output); checks each runs exactly once."""
+    """Forward pass recording each owner's (input, output); checks each runs exactly once.
+
+    When a later operation modifies an owner's output or input in place (ReLU(inplace=True)
+    after a convolution), the recorded tensor no longer holds the module's value: the forward
+    is then run again with each owner's output passed on as a copy (the in-place operation
+    modifies the copy, the original stays in the graph to differentiate against) and its input
+    recorded as a copy. The model is remembered, so later chunks copy from the start.
+    """
+    copy = model in _COPY_RECORDS
+    out, pairs, modified = _forward_recording(model, inputs, owners, copy)
+    if modified is not None and not copy:
+        _COPY_RECORDS.add(model)
+        out, pairs, modified = _forward_recording(model, inputs, owners, True)
+    if modified is not None:
+        raise UnsupportedModel(f"the input or output of {modified!r} is modified in place later in the forward pass")
+    return out, pairs
+
+
+def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
+    """One recorded forward: (output, [(input, output)] per owner, name of the first owner
+    whose recorded tensors were modified in place afterwards or None)."""
     records: dict[int, list] = {id(m): [] for _, m, _ in owners}
 
     def hook(module, args, output):
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise UnsupportedModel(f"{type(module).__name__} takes or returns more than one tensor")
-        records[id(module)].append((args[0].detach(), output, output._version))
+        x = args[0].detach()
+        if copy:
+            x = x.clone()
+        records[id(module)].append((x, x._version, output, output._version))
+        return output.clone() if copy else None  # the copy is what the rest of the forward sees
 
     handles = [m.register_forward_hook(hook) for _, m, _ in owners]
     try:
@@ -99,15 +130,15 @@ def _record(model: nn.Module, inputs: Tensor, owners) -> tuple[Tensor, list[tupl
     finally:
         for h in handles:
             h.remove()
-    pairs = []
+    pairs, modified = [], None
     for name, m, _ in owners:
         if len(records[id(m)]) != 1:
             raise UnsupportedModel(f"module {name!r} ran {len(records[id(m)])} times in one forward pass")
-        x, o, version = records[id(m)][0]
-        if o._version != version:  # e.g. ReLU(inplace=True): o no longer holds the module's output
-            raise UnsupportedModel(f"the output of {name!r} is modified in place later in the forward pass")
+        x, x_version, o, o_version = records[id(m)][0]
+        if modified is None and (o._version != o_version or x._version != x_version):
+            modified = name
         pairs.append((x, o))
-    return out, pairs
+    return out, pairs, modified
 
 
 def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):

@@ -198,7 +198,19 @@ def results_markdown(figures: Path) -> str:
 # --------------------------------------------------------------------------- performance
 
 _METHODS = {"epoch": "epoch (reference)", "layerwise": "ours: layerwise", "jacobian": "ours: jacobian",
-            "naive": "naive loop", "vmap": "torch.func vmap"}
+            "naive": "naive loop", "vmap": "torch.func vmap",
+            # peers (bench/peers.py, optional `bench` extra)
+            "backpack": "BackPACK BatchGrad", "opacus": "Opacus GradSampleModule",
+            "nngeometry": "nngeometry Jacobian", "nngeometry_gram": "nngeometry GramMatrix",
+            "captum": "Captum TracInCP"}
+
+
+def _method_cell(row: Mapping[str, Any]) -> str:
+    """The method's label, with how a peer ran when that matters (e.g. on a copy of the model
+    without in-place activations, or Captum's per-example path)."""
+    label = _METHODS.get(row.get("method"), _cell(row.get("method")))
+    variants = [_cell(v) for v in (row.get("captum_mode"), row.get("variant")) if v]
+    return f"{label} ({'; '.join(variants)})" if variants else label
 
 
 def _perf_status(row: Mapping[str, Any]) -> str:
@@ -226,7 +238,7 @@ def performance_markdown(results_json_path: Path | str) -> str:
              "| Model | N | Task | Method | Seconds | × epoch | Peak extra MB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in res.get("results", []):
-        method = _METHODS.get(row.get("method"), _cell(row.get("method")))
+        method = _method_cell(row)
         n = "—" if row.get("n") is None else str(row["n"])
         if row.get("status") == "ok":
             x = row.get("x_epoch")
@@ -246,6 +258,9 @@ def performance_markdown(results_json_path: Path | str) -> str:
     if threads:
         lines += ["", "Threads (wall time, 1 vs 2 torch threads): " + "; ".join(
             f"{k}: {v['wall_1']:.3g} s vs {v['wall_2']:.3g} s" for k, v in threads.items()) + "."]
+    peers = res.get("peers") or {}
+    if peers:
+        lines += ["", "Peers: " + "; ".join(f"{_cell(k)} {_cell(v)}" for k, v in peers.items()) + "."]
     goals = res.get("goals") or []
     if goals:
         lines += ["", "| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]

@@ -701,6 +701,8 @@ def merge_results(old: dict, new: dict) -> dict:
     key = lambda r: (r["model"], r["n"], r["task"], r["method"])  # noqa: E731
     for r in old.get("results", []):
         r.setdefault("lib", (old.get("library") or {}).get("lib_sha256"))
+        if r.get("status") == "ok" and r.get("x_epoch") and "epoch_s" not in r:
+            r["epoch_s"] = r["seconds"] / r["x_epoch"]  # the epoch it was measured against
     fresh = {key(r): r for r in new["results"]}
     rows = [fresh.pop(key(r), r) for r in old.get("results", [])]
     rows += [r for r in new["results"] if key(r) in fresh]
@@ -709,9 +711,13 @@ def merge_results(old: dict, new: dict) -> dict:
     for k in ("settings", "memory"):  # the base run's protocol; the later run's is in "merged"
         if old.get(k):
             out[k] = old[k]
-    for k in ("threads", "threads_summary", "soft_density_profile", "gram_layers_mlp", "gemm_efficiency"):
+    for k in ("threads", "threads_summary", "soft_density_profile", "gram_layers_mlp"):
         if not new.get(k) and old.get(k):
             out[k] = old[k]
+    # the GEMM-efficiency goal is read at the largest N measured (a small-N gram fits in cache)
+    eff_old, eff_new = old.get("gemm_efficiency"), new.get("gemm_efficiency")
+    if eff_old and (not eff_new or (eff_old.get("n") or 0) > (eff_new.get("n") or 0)):
+        out["gemm_efficiency"] = eff_old
     if out.get("gemm_efficiency") is old.get("gemm_efficiency") and old.get("gemm"):
         out["gemm"] = old["gemm"]  # the efficiency was computed against that torch.mm rate
     out["soft_density_profile"] = {**old.get("soft_density_profile", {}), **new.get("soft_density_profile", {})}
@@ -726,13 +732,14 @@ def merge_results(old: dict, new: dict) -> dict:
 
 
 def recompute_ratios(res: dict) -> dict:
-    """x_epoch of every ok row against the epoch row of its (model, N) (after a merge the
-    epoch may come from the later run)."""
+    """x_epoch of every ok row against the epoch measured in the row's own run (`epoch_s`), or,
+    for a row without one, against the epoch row of its (model, N)."""
     epochs = {(r["model"], r["n"]): r["seconds"] for r in res["results"]
               if r["task"] == "epoch" and r["status"] == "ok"}
     for r in res["results"]:
-        if r["status"] == "ok" and (r["model"], r["n"]) in epochs:
-            r["x_epoch"] = r["seconds"] / epochs[(r["model"], r["n"])]
+        ref = r.get("epoch_s") or epochs.get((r["model"], r["n"]))
+        if r["status"] == "ok" and ref:
+            r["x_epoch"] = r["seconds"] / ref
     return res
 
 
@@ -898,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "status": f"error: {ep['error']}"})
                 continue
             ep_row = ep["rows"][0]
-            ep_row.update(model=model, n=n, x_epoch=1.0)
+            ep_row.update(model=model, n=n, x_epoch=1.0, epoch_s=ep_row["seconds"])
             res["results"].append(ep_row)
             t_epoch = ep_row["seconds"]
             print(f"{model} N={n}: epoch {t_epoch:.3g} s", flush=True)
@@ -959,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(model=model, n=n)
                     if row["status"] == "ok":
                         row["x_epoch"] = row["seconds"] / t_epoch
+                        row["epoch_s"] = t_epoch  # the epoch of this run: ratios survive a --merge
                     res["results"].append(row)
                     s, x, mb, st = row_cells(row)
                     print(f"  {row['task']:17s} {method_label(row):24s} {s:>8s} s {x:>7s}x "

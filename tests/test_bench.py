@@ -366,9 +366,21 @@ def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     new = {"mode": "full", "date": "d1", "models": {"cnn1m": {"available": True}},
            "results": [row("mlp", 64, "similarity", "layerwise", 4.0), row("cnn1m", 64, "epoch", "epoch", 2.0)],
            "threads": [], "soft_density_profile": {}, "timeline": [{"t": 1}]}
+    old["results"].append(dict(row("mlp", 64, "soft_density", "layerwise", 3.0), x_epoch=3.0))
+    new["results"].insert(0, dict(row("mlp", 64, "epoch", "epoch", 1.5), epoch_s=1.5))
+    new["results"][1]["epoch_s"] = 1.5
     out = run.merge_results(old, new)
     assert [(r["model"], r["task"], r["seconds"]) for r in out["results"]] == [
-        ("mlp", "epoch", 1.0), ("mlp", "similarity", 4.0), ("cnn1m", "epoch", 2.0)]
+        ("mlp", "epoch", 1.5), ("mlp", "similarity", 4.0), ("mlp", "soft_density", 3.0), ("cnn1m", "epoch", 2.0)]
+    # every ratio stays against the epoch of its own run: the old soft density against 1.0 s
+    assert [r.get("x_epoch") for r in out["results"][:3]] == [1.0, 4.0 / 1.5, 3.0]
     assert set(out["models"]) == {"mlp", "cnn1m"} and out["threads"] == [{"x": 1}]
     assert out["soft_density_profile"] == {"mlp": {"total_s": 1}} and len(out["timeline"]) == 2
     assert out["date"] == "d1" and out["merged"][0]["date"] == "d0"
+    # the GEMM efficiency (and the torch.mm rate it was computed against) of the larger N wins
+    old.update(gemm_efficiency={"n": 4096, "efficiency": 0.7}, gemm={"gflops": 100.0})
+    new.update(gemm_efficiency={"n": 256, "efficiency": 0.9}, gemm={"gflops": 90.0})
+    out = run.merge_results(old, new)
+    assert out["gemm_efficiency"]["n"] == 4096 and out["gemm"]["gflops"] == 100.0
+    new["gemm_efficiency"]["n"] = 8192
+    assert run.merge_results(old, new)["gemm_efficiency"]["n"] == 8192

@@ -330,10 +330,12 @@ def correlation_from_gram(K: Tensor) -> Tensor:
 
 
 def layerwise_grads(b: Bench, chunk: int | None = None) -> Tensor:
-    """G materialised from netsim's layer-wise factors, `(N, d, p)`."""
+    """G materialised from netsim's layer-wise factors, `(N, d, p)`, in the chunks the library
+    uses (`engine_for`: sized from its one-sample probe; without the probe every model got 256
+    samples per chunk, e.g. 6 GB of unfolded inputs for the registration net)."""
     from netsim import layerwise
-    from netsim.engine import LayerwiseEngine
-    engine = LayerwiseEngine(b.model, b.output_fn, chunk)
+    from netsim.engine import engine_for
+    engine = engine_for(b.model, b.inputs, b.output_fn, b.targets, chunk, "layerwise")
     return torch.cat([layerwise.materialise(rep) for _, rep in engine.chunks(b.inputs, b.targets)])
 
 

@@ -81,6 +81,23 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
                   "lr": 3e-3, "rounds": 3, "control_rounds": 2, "extra_noise_factor": 1.5,
                   "sweep_noise_factors": [0.5]},
     },
+    # Figs. 6-7 (section 6): patches of the registration training tiles seen through each round's
+    # finest network. The authors: ~3600 patches, 10 per tile, ~10 queries, 10 neighbours each.
+    # Every patch is also a query of the quantitative comparison (the P x P kernels, notebook 04).
+    "neighbor_patches": {
+        "smoke": {"patch": 64, "per_tile": 8, "queries": 4, "neighbours": 10, "perceptual_level": 1},
+        "paper": {"patch": 64, "per_tile": 10, "queries": 10, "neighbours": 10, "perceptual_level": 1},
+    },
+    # Fig. 7 and the talk's self-denoising estimate (notebook 05; its patches and query are
+    # notebook 04's). Factor variants: [output, parameters], "no_head" = last 1x1 conv excluded.
+    "similarity_histograms": {
+        "smoke": {"bins": 100, "denoising_round": 1, "denoising_queries": 40,
+                  "factor_variants": [["mean", "all"], ["mean", "no_head"], ["vertices", "all"],
+                                      ["vertices", "no_head"]]},
+        "paper": {"bins": 100, "denoising_round": 1, "denoising_queries": 100,
+                  "factor_variants": [["mean", "all"], ["mean", "no_head"], ["vertices", "all"],
+                                      ["vertices", "no_head"]]},
+    },
 }
 
 

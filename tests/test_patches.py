@@ -108,6 +108,22 @@ def test_patch_inputs_equal_per_patch_rasterisation(tiles):
         torch.testing.assert_close(raster_patches[i], rasterize(shifted, 32, 32))
 
 
+def test_patch_inputs_at_a_stage_scale_are_what_the_stage_sees(tiles):
+    # A chain stage at scale s sees the tile average-pooled by s and the raster drawn at 1/s
+    # (RegistrationChain.stage_field): the patch must be the same crop of those.
+    images, truth, labels, _ = tiles
+    pos = patches.select_patches(truth, 128, per_tile=2, patch=32, seed=1)
+    image_patches, raster_patches = patches.patch_inputs(images, labels, pos, 32, scale=4)
+    assert image_patches.shape == raster_patches.shape == (len(pos), 3, 8, 8)
+    for i, (tile, y0, x0) in enumerate(pos.tolist()):
+        small = torch.nn.functional.avg_pool2d(images[tile], 4)
+        torch.testing.assert_close(image_patches[i], small[:, y0 // 4:y0 // 4 + 8, x0 // 4:x0 // 4 + 8])
+        raster = rasterize(labels[tile], 128, 128, scale=0.25)
+        torch.testing.assert_close(raster_patches[i], raster[:, y0 // 4:y0 // 4 + 8, x0 // 4:x0 // 4 + 8])
+    with pytest.raises(ValueError, match="multiples of scale 3"):
+        patches.patch_inputs(images, labels, pos, 32, scale=3)
+
+
 def test_patch_inputs_errors(tiles):
     images, truth, labels, _ = tiles
     with pytest.raises(ValueError, match="empty"):

@@ -82,11 +82,11 @@ EXPERIMENTS: dict[str, dict[str, dict[str, Any]]] = {
                   "sweep_noise_factors": [0.5]},
     },
     # Figs. 6-7 (section 6): patches of the registration training tiles seen through each round's
-    # finest network. The authors: ~3600 patches, 10 per tile, ~10 queries, 10 neighbours each.
+    # coarse stage (stage 0, downsampling 4). The authors: ~3600 patches, 10 per tile, ~10 queries, 10 neighbours each.
     # Every patch is also a query of the quantitative comparison (the P x P kernels, notebook 04).
     "neighbor_patches": {
-        "smoke": {"patch": 64, "per_tile": 8, "queries": 4, "neighbours": 10, "perceptual_level": 1},
-        "paper": {"patch": 64, "per_tile": 10, "queries": 10, "neighbours": 10, "perceptual_level": 1},
+        "smoke": {"patch": 64, "per_tile": 8, "queries": 4, "neighbours": 10, "perceptual_level": 1, "stage": 0},
+        "paper": {"patch": 64, "per_tile": 10, "queries": 10, "neighbours": 10, "perceptual_level": 1, "stage": 0},
     },
     # Fig. 7 and the talk's self-denoising estimate (notebook 05; its patches and query are
     # notebook 04's). Factor variants: [output, parameters], "no_head" = last 1x1 conv excluded.

@@ -83,6 +83,7 @@ from torch import Tensor, nn
 from netsim.data.aerial import as_polygon, rasterize
 from netsim.diagnostics import predictions
 from netsim.neighbours import neg_l2_distances
+from netsim.registration.model import downsample_image
 
 __all__ = [
     "OUTPUTS",
@@ -206,36 +207,46 @@ def select_patches(cadasters: Sequence[Cadaster], size, *, per_tile: int = 10, p
     return torch.tensor(rows, dtype=torch.long)
 
 
-def patch_inputs(images: Tensor, labels: Sequence[Cadaster], positions: Tensor, patch: int) -> tuple[Tensor, Tensor]:
+def patch_inputs(images: Tensor, labels: Sequence[Cadaster], positions: Tensor, patch: int, *,
+                 scale: int = 1) -> tuple[Tensor, Tensor]:
     """The network inputs of each patch: image crop and the crop of the labels' raster.
 
-    Each tile that has a patch is rasterised once (`rasterize`, full resolution, fill / edge /
-    vertex channels) and cropped; the result equals rasterising each patch on its own.
+    Each tile that has a patch is rasterised once (`rasterize`, fill / edge / vertex channels,
+    at the given scale) and cropped; the result equals rasterising each patch on its own.
 
     Args:
         images: ``(N, 3, H, W)`` tiles in [0, 1].
         labels: N cadasters whose raster the network sees (the round's training labels).
-        positions: ``(P, 3)`` rows ``(tile, y0, x0)`` from `select_patches`.
-        patch: side p.
+        positions: ``(P, 3)`` rows ``(tile, y0, x0)`` from `select_patches`, full-resolution px.
+        patch: side p, full-resolution px.
+        scale: the downsampling factor of the stage that will see the patches (a chain stage
+            at scale s sees images average-pooled by s and rasters drawn at 1/s): ``y0``, ``x0``
+            and ``p`` must be multiples of it.
 
     Returns:
-        image patches ``(P, 3, p, p)`` and raster patches ``(P, 3, p, p)``, float32.
+        image patches ``(P, 3, p/s, p/s)`` and raster patches ``(P, 3, p/s, p/s)``, float32.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     if len(labels) != images.shape[0]:
         raise ValueError(f"{len(labels)} label cadasters for {images.shape[0]} images")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
     height, width = images.shape[-2:]
     positions = _check_positions(positions, images.shape[0], patch, height, width)
-    image_patches = torch.empty(len(positions), 3, patch, patch, dtype=torch.float32)
+    if patch % scale or bool((positions[:, 1:] % scale).any()):
+        raise ValueError(f"patch {patch} and every patch corner must be multiples of scale {scale}")
+    side = patch // scale
+    image_patches = torch.empty(len(positions), 3, side, side, dtype=torch.float32)
     raster_patches = torch.empty_like(image_patches)
     for tile in torch.unique(positions[:, 0]).tolist():
         where = torch.nonzero(positions[:, 0] == tile).flatten()
-        raster = rasterize(labels[tile], height, width)
+        raster = rasterize(labels[tile], height, width, scale=1.0 / scale)
+        image = downsample_image(images[tile], scale)
         for i in where.tolist():
-            _, y0, x0 = positions[i].tolist()
-            image_patches[i] = images[tile, :, y0:y0 + patch, x0:x0 + patch]
-            raster_patches[i] = raster[:, y0:y0 + patch, x0:x0 + patch]
+            _, y0, x0 = (v // scale for v in positions[i].tolist())
+            image_patches[i] = image[:, y0:y0 + side, x0:x0 + side]
+            raster_patches[i] = raster[:, y0:y0 + side, x0:x0 + side]
     return image_patches, raster_patches
 
 

@@ -264,3 +264,18 @@ def test_worker_processes_give_the_same_chains(tmp_path, monkeypatch):
         assert torch.equal(a["errors"], b["errors"])
     with pytest.raises(ValueError, match="profile"):
         run_rounds(cfg, rounds=1, workers=2)
+
+
+def test_inflated_cadasters_have_the_requested_median_error_and_keep_their_centres():
+    from netsim.registration.metrics import median_error, vertex_errors
+    from netsim.registration.train import inflate_cadasters
+    truth = [[SQUARE, SQUARE + 50.0], [SQUARE * 2.0]]
+    inflated = inflate_cadasters(truth, 3.0)
+    errors = torch.cat([vertex_errors(p, t) for p, t in zip(inflated, truth)])
+    assert median_error(errors) == pytest.approx(3.0)
+    for cadaster, original in zip(inflated, truth):
+        for p, q in zip(cadaster, original):
+            torch.testing.assert_close(p.mean(0), q.mean(0))
+            assert (p - p.mean(0)).norm(dim=1).min() > (q - q.mean(0)).norm(dim=1).min()  # outward
+    with pytest.raises(ValueError, match="no polygon"):
+        inflate_cadasters([[]], 1.0)

@@ -53,6 +53,7 @@ from netsim.registration.model import RegistrationChain, downsample_image, regis
 
 __all__ = [
     "evaluate",
+    "inflate_cadasters",
     "label_noise_fields",
     "make_tiles",
     "move_cadasters",
@@ -145,6 +146,30 @@ def move_cadasters(cadasters: Sequence[Cadaster], fields: Tensor, iterations: in
         raise ValueError(f"{len(cadasters)} cadasters for {len(fields)} fields")
     return [list(move_polygons(list(c), f.double(), iterations=iterations)) if len(c) else []
             for c, f in zip(cadasters, fields)]
+
+
+def inflate_cadasters(cadasters: Sequence[Cadaster], median_px: float) -> list[Cadaster]:
+    """Every building drawn too large: each polygon scaled about its vertex mean by one factor.
+
+    A systematic label error that, unlike a constant shift, looks the same after any quarter
+    turn or flip of a crop (scaling about a building's own centre commutes with them), so the
+    training augmentation cannot turn it into zero-mean noise: the biased control that
+    self-denoising should not remove.
+
+    Args:
+        cadasters: N cadasters.
+        median_px: the median vertex displacement to produce (the factor is
+            ``median_px / median |v - centre|`` over all vertices).
+
+    Returns:
+        N inflated cadasters.
+    """
+    polygons = [p for cadaster in cadasters for p in cadaster]
+    if not polygons:
+        raise ValueError("no polygon to inflate")
+    radii = torch.cat([(p - p.mean(0)).norm(dim=1) for p in polygons])
+    factor = float(median_px) / float(radii.median())
+    return [[p.mean(0) + (1.0 + factor) * (p - p.mean(0)) for p in cadaster] for cadaster in cadasters]
 
 
 # =========================================================================================
@@ -499,7 +524,9 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
         clean: also train a chain on the true polygons and apply it to the noisy labels.
         controls: any of "extra_noise" (smooth noise ``extra_noise_factor`` times larger) and
             "biased" (every tile shifted by the same constant vector of norm = the measured
-            median noise), each run for ``cfg.control_rounds`` rounds; "sweep": one round on
+            median noise) and "inflated" (every building scaled about its centre, median
+            vertex error = the measured median noise: `inflate_cadasters`), each run for
+            ``cfg.control_rounds`` rounds; "sweep": one round on
             noise ``f`` times the main noise for each f in ``cfg.sweep_noise_factors`` (the
             gain against the perturbation-to-noise ratio).
         train_fn: ``(images, labels, cfg, seed=) -> {"chain": ..., ...}``; a stub in tests.
@@ -517,9 +544,9 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
         ``heldout`` (`evaluate` on the held-out tiles)), ``clean`` (same keys, or None) and
         ``controls`` (name -> ``{"noise", "heldout_noise", "noisy", "rounds", "noise_factor"}``).
     """
-    unknown = set(controls) - {"extra_noise", "biased", "sweep"}
+    unknown = set(controls) - {"extra_noise", "biased", "inflated", "sweep"}
     if unknown:
-        raise ValueError(f"unknown controls {sorted(unknown)}; valid: 'extra_noise', 'biased', 'sweep'")
+        raise ValueError(f"unknown controls {sorted(unknown)}; valid: 'extra_noise', 'biased', 'inflated', 'sweep'")
     if workers > 1 and profile is None:
         raise ValueError("workers > 1 hands chains over through the cache: give a profile")
     # One thread unless $NETSIM_THREADS says otherwise: on the 2-core machines two threads
@@ -559,6 +586,9 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
             control_sets[name] = (factor, *noisy_labels(noise_px * factor, seed + 1)[1:])
         elif name == "biased":
             control_sets[name] = (None, *noisy_labels(noise["median"], seed + 2, kind="shift")[1:])
+        elif name == "inflated":
+            control_sets[name] = (None, inflate_cadasters(truth, noise["median"]),
+                                  inflate_cadasters(heldout_truth, noise["median"]) if n_heldout else [])
         else:
             for factor in _get(cfg, "sweep_noise_factors", []):
                 control_sets[f"noise{float(factor):g}"] = (float(factor),

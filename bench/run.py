@@ -722,12 +722,14 @@ def merge_results(old: dict, new: dict) -> dict:
         out["gemm"] = old["gemm"]  # the efficiency was computed against that torch.mm rate
     out["soft_density_profile"] = {**old.get("soft_density_profile", {}), **new.get("soft_density_profile", {})}
     out["timeline"] = old.get("timeline", []) + new.get("timeline", [])
+    for k, v in old.items():  # what only the earlier file has (e.g. `budgets` from bench/budgets.py)
+        out.setdefault(k, v)
     out["merged"] = old.get("merged", []) + [{"date": old.get("date"), "mode": old.get("mode"),
                                                "library": old.get("library"),
                                                "wall_time_s": old.get("wall_time_s"),
                                                "later_run_settings": new.get("settings")}]
-    if old.get("mode") != new.get("mode"):
-        out["mode"] = f"{old.get('mode')}+{new.get('mode')}"
+    modes = str(old.get("mode")).split("+")
+    out["mode"] = "+".join(modes + [new.get("mode")] if new.get("mode") not in modes else modes)
     return recompute_ratios(out)
 
 

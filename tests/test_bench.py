@@ -55,9 +55,16 @@ def _reference(b):
     return G, K, K.sum(1)
 
 
+#: Patch side for the registration net in the numerical tests (the bench uses 64; the net takes
+#: any multiple of 4, and 16 x 16 keeps these tests fast on a loaded machine).
+SMALL_PATCH = 16
+
+
 @pytest.fixture(scope="module", params=M.available_models())
 def case(request):
-    b = M.make_bench(request.param, N_TINY, seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+        b = M.make_bench(request.param, N_TINY, seed=3)
     return b, _reference(b)
 
 
@@ -86,6 +93,7 @@ def test_registration_uses_the_conv_rule_for_every_layer(monkeypatch):
         raise AssertionError("generic rule used")
 
     monkeypatch.setattr(layerwise, "_generic_rule", refuse)
+    monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
     b = M.make_bench("registration", 2)
     factors = layerwise.factorise(b.model, b.inputs, b.output_fn)
     assert len(factors) == sum(isinstance(m, torch.nn.Conv2d) for m in b.model.modules()) == 19
@@ -157,7 +165,8 @@ def test_similarity_plan_counts_the_executed_gram_flops(method):
         else plan["pair_flops"] == 2 * 21_057
 
 
-def test_similarity_plan_counts_the_executed_gram_flops_for_d_2():
+def test_similarity_plan_counts_the_executed_gram_flops_for_d_2(monkeypatch):
+    monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
     b = M.make_bench("registration", 6)
     plan = run.similarity_plan(b, "layerwise")
     meter = run.GramMeter()
@@ -184,7 +193,9 @@ def peer_reference():
 
     def get(model):
         if model not in cache:
-            b = M.make_bench(model, N_PEER, seed=3)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+                b = M.make_bench(model, N_PEER, seed=3)
             cache[model] = (b, _reference(b))
         return cache[model]
     return get
@@ -360,7 +371,7 @@ def test_baseline_child_skips_only_the_similarity_when_its_projection_exceeds_th
 def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     row = lambda model, n, task, method, s: {"model": model, "n": n, "task": task, "method": method,  # noqa: E731
                                              "status": "ok", "seconds": s}
-    old = {"mode": "full", "date": "d0", "models": {"mlp": {"available": True}},
+    old = {"mode": "full", "date": "d0", "models": {"mlp": {"available": True}}, "budgets": {"rows": []},
            "results": [row("mlp", 64, "epoch", "epoch", 1.0), row("mlp", 64, "similarity", "layerwise", 5.0)],
            "threads": [{"x": 1}], "soft_density_profile": {"mlp": {"total_s": 1}}, "timeline": [{"t": 0}]}
     new = {"mode": "full", "date": "d1", "models": {"cnn1m": {"available": True}},
@@ -376,7 +387,7 @@ def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     assert [r.get("x_epoch") for r in out["results"][:3]] == [1.0, 4.0 / 1.5, 3.0]
     assert set(out["models"]) == {"mlp", "cnn1m"} and out["threads"] == [{"x": 1}]
     assert out["soft_density_profile"] == {"mlp": {"total_s": 1}} and len(out["timeline"]) == 2
-    assert out["date"] == "d1" and out["merged"][0]["date"] == "d0"
+    assert out["date"] == "d1" and out["merged"][0]["date"] == "d0" and out["budgets"] == {"rows": []}
     # the GEMM efficiency (and the torch.mm rate it was computed against) of the larger N wins
     old.update(gemm_efficiency={"n": 4096, "efficiency": 0.7}, gemm={"gflops": 100.0})
     new.update(gemm_efficiency={"n": 256, "efficiency": 0.9}, gemm={"gflops": 90.0})

@@ -10,23 +10,30 @@ denoised labels ("rounds") reduces the error further.
 
 Pipeline (each step a function below):
 
-1. `make_tiles`: fixed synthetic scenes (images + exact cadasters), drawn once by seed.
+1. `make_tiles`: fixed synthetic scenes (images + exact cadasters), drawn once by seed:
+   training tiles and, far from their seeds, held-out tiles that are never trained on.
 2. `label_noise_fields` / `move_cadasters`: noisy labels = true polygons moved by a smooth
-   field per tile (zero-mean across tiles), or by a shared constant shift (biased control).
-3. `sample_batch`: a fresh random perturbation ψ per sample at the stage's scale; input =
-   the labels' raster warped by ψ (thresholded back to 0/1, i.e. the raster of the labels
-   moved by ψ), target = ψ; random crops, 90° rotations and flips (vectors turned too).
-4. `train_stage` / `train_chain`: Adam on `registration_loss`, each stage independently at
-   its own scale with its own perturbation amplitude.
+   field per tile (zero-mean across tiles), or by a shared constant shift (biased control);
+   `inflate_cadasters`: every building drawn too large (the other biased control).
+3. `sample_batch`: a fresh random perturbation ψ per sample at the stage's scale
+   (`perturbation_field`: "smooth", the noise's own "bumps", or "constant"); input = the
+   labels' raster warped by ψ (thresholded back to 0/1, i.e. the raster of the labels moved
+   by ψ), target = ψ; random crops, 90° rotations and flips (vectors turned too).
+4. `train_stage` / `train_chain`: Adam on `registration_loss` (optionally with linear
+   warm-up + cosine decay), coarse stage first, each stage at its own scale with its own
+   perturbation amplitude; with ``cfg.init_from_coarser`` a finer stage starts from the
+   coarser stage's trained weights.
 5. `run_rounds`: rounds of train -> align the ORIGINAL noisy labels -> retrain, plus a
-   clean-label chain and controls; trained chains cached by config hash.
+   clean-label chain, controls and a noise sweep, evaluated on the training and the
+   held-out tiles; trained chains (with their realigned labels) cached by config hash,
+   independent runs optionally trained in worker processes.
 
-Example (the smoke profile, ~1 min on one core)::
+Example (the smoke profile)::
 
     >>> from netsim import config
     >>> from netsim.registration.train import run_rounds
     >>> result = run_rounds(config.load("registration", "smoke"), profile="smoke")  # doctest: +SKIP
-    >>> result["noise_median"], [r["median"] for r in result["rounds"]]  # doctest: +SKIP
+    >>> result["noise"]["median"], [r["median"] for r in result["rounds"]]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ import dataclasses
 import math
 import multiprocessing
 import time
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -369,16 +375,21 @@ def _stage_inputs(images: Tensor, labels: Sequence[Cadaster], scale: int) -> tup
 
 
 def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: int) -> dict[str, Any]:
-    """Builds and trains a chain on (images, labels), each stage independently at its scale.
+    """Builds and trains a chain on (images, labels), stage by stage (coarse first) at each scale.
 
     Stage s is trained on perturbations of amplitude ``cfg.perturbation_px[s]`` full-resolution
-    pixels (i.e. ``/ scales[s]`` pixels of its scale), for ``cfg.steps[s]`` steps.
+    pixels (i.e. ``/ scales[s]`` pixels of its scale), for ``cfg.steps[s]`` steps. The stages
+    are trained one after the other on the round's labels (not on the output of the coarser
+    stage); with ``cfg.init_from_coarser`` each finer stage starts from the coarser stage's
+    trained weights instead of a fresh initialisation.
 
     Args:
         images: ``(N, 3, H, W)`` tiles.
         labels: N cadasters (the round's labels).
-        cfg: the "registration" config (scales, caps, channels, perturbation_px, steps,
-            batch_size, lr, crop).
+        cfg: the "registration" config (scales, caps, channels, norm (default "none"),
+            perturbation_px, perturbation_kind (default "smooth"), noise_cov_scale (the
+            "bumps" scale, default 0.015), steps, batch_size, lr (default 1e-3), warmup
+            (default 0: constant lr), init_from_coarser (default False), crop (default 64)).
         seed: seeds the initial weights and the batches.
 
     Returns:

@@ -1,10 +1,12 @@
 """Patch data sets of the registration tiles, and what the registration network finds similar.
 
 Paper section 6 (Figs. 6-7) and the talk's part IV compare training patches through the
-finest registration network of each self-denoising round. This module builds those patches
-and the network's view of them; the kernels themselves are the library's streaming
-functions (`netsim.similarity`, `netsim.soft_density`, `netsim.diagnostics.kernel_sums`)
-applied to a `PatchModel`.
+registration network of each self-denoising round. This module builds those patches and
+one chain stage's view of them, at that stage's scale (`patch_inputs(..., scale=)`);
+notebooks 04-05 use each round's coarse stage (stage 0, downsampling 4: the config's
+``neighbor_patches.stage``). The kernels themselves are the library's streaming functions
+(`netsim.similarity`, `netsim.soft_density`, `netsim.diagnostics.kernel_sums`) applied to a
+`PatchModel`.
 
 Choices (the authors' where their code says, ours where it does not):
 
@@ -13,16 +15,17 @@ Choices (the authors' where their code says, ours where it does not):
   ``per_tile`` cells that contain a building of the TRUE cadaster (the same patch set for
   every round). The authors' "contain" is ``require="whole"``: a polygon with every vertex in
   the closed square. Their patches were 124 px of 4x-downsampled Inria tiles (~500 px at full
-  resolution); ours are the scale-1 network's, 64 px, where 16-50 px buildings rarely fit
-  whole in a grid cell (measured on 20 synthetic 256-px tiles: 2.7 such cells per tile of 16,
-  so 10 per tile is impossible). The default is therefore ``require="vertex"``: at least one
-  true building corner inside the cell (a whole or partial building; 10 per tile there), which
+  resolution); ours are 64 full-resolution px (16 px at the coarse stage's scale 4), where
+  16-50 px buildings rarely fit whole in a grid cell (measured on 20 synthetic 256-px tiles:
+  2.7 such cells per tile of 16, so 10 per tile is impossible). The default is therefore
+  ``require="vertex"``: at least one true building corner inside the cell (a whole or partial building; 10 per tile there), which
   also makes the true correction below defined in practice. ``require="partial"`` accepts any
   cell where some pixel centre lies inside a true polygon.
 * Network inputs (`patch_inputs`): the image crop and the crop of the raster of the ROUND's
   labels (round r is trained on ``noisy`` for r = 0 and ``rounds[r-1]["labels"]`` after), each
-  tile rasterised once at full resolution and then cropped (identical to rasterising the
-  patch: the raster is pixel-local).
+  tile average-pooled / rasterised once at the stage's scale and then cropped (identical to
+  rasterising the patch: the raster is pixel-local). Positions and patch sides stay in
+  full-resolution pixels.
 * Output (d = 2), `PatchModel`: "mean" over the output patch of each displacement channel
   (default); the authors took the "sum", which is ``patch**2`` times the mean: the same
   normalised kernels k^C (K scales by a constant, removed by the normalisation), but the
@@ -30,11 +33,13 @@ Choices (the authors' where their code says, ours where it does not):
   of the 2 x 2 central pixels for an even side). "vertices": the mean displacement over the
   raster's vertex pixels, i.e. at the label corners -- the same support as the true
   correction y below, so predictions and targets are comparable in the denoising analysis.
+  Every output is in pixels of the stage's scale: multiply by the scale to compare it with
+  y (full-resolution pixels), or divide y by it.
 * True correction (`patch_corrections`): y_i = mean over the label vertices inside the patch
-  (half-open square ``[x0, x0 + p) x [y0, y0 + p)``) of (truth - label), in pixels: the
-  displacement that would align those labels. Label polygons correspond vertex by vertex to
-  the true ones. Patches without a label vertex inside (the labels moved away from the true
-  building) use the label vertex nearest to the patch by default (``empty="nearest"``, and
+  (half-open square ``[x0, x0 + p) x [y0, y0 + p)``) of (truth - label), in full-resolution
+  pixels: the displacement that would align those labels. Label polygons correspond vertex
+  by vertex to the true ones. Patches without a label vertex inside (the labels moved away
+  from the true building) use the label vertex nearest to the patch by default (``empty="nearest"``, and
   flagged), or NaN (``"nan"``: excluded from the neighbour scores), or raise.
 * Self-denoising terms (`netsim.diagnostics.self_denoising`): a patch input is (image, raster
   of the round's labels), unperturbed. Training pairs are those labels moved by ψ with target
@@ -50,12 +55,14 @@ Choices (the authors' where their code says, ours where it does not):
   encoder (a network trained on these very images, unlike ImageNet's VGG); and plain pixel
   L2. Both are returned as negated distances so that higher = more similar, like k^C.
 
-Cost (measured, default ``RegistrationNet`` widths (16, 32, 64), 64-px patches, one thread,
-layer-wise engine): ~50-60 ms per patch Jacobian, so one pass over 3600 patches (a query's
-k^C row, a block of up to ~200 queries' rows, or the soft density's) takes minutes, while
-the all-pairs `kernel_sums` (row blocks of ~200 patches in the default 512 MB) needs about
-N / 400 such passes: evaluate the denoising factor at a subset of queries (``query_index``,
-one pass for up to ~200 of them), each query still averaging over all N patches.
+Cost (measured at scale 1, before the notebooks moved to the coarse stage: default
+``RegistrationNet`` widths (16, 32, 64) without normalisation, 64-px inputs, one thread,
+layer-wise engine; the coarse stage's 16-px inputs cost less): ~50-60 ms per patch
+Jacobian, so one pass over 3600 patches (a query's k^C row, a block of up to ~200 queries'
+rows, or the soft density's) takes minutes, while the all-pairs `kernel_sums` (row blocks
+of ~200 patches in the default 512 MB) needs about N / 400 such passes: evaluate the
+denoising factor at a subset of queries (``query_index``, one pass for up to ~200 of them),
+each query still averaging over all N patches.
 
 Example:
     >>> import torch
@@ -263,8 +270,10 @@ def _without_inplace(module: nn.Module):
     """Turns off ``inplace`` activations for the duration (restored after).
 
     The layer-wise kernel engine reads each layer's output after the forward pass; an
-    in-place ReLU overwrites it (the registration net's conv blocks use ReLU(inplace=True)).
-    The values are the same either way.
+    in-place ReLU (the registration net's conv blocks use ReLU(inplace=True)) overwrites it.
+    `netsim.layerwise` now copes with that by recording copies (found on a model's first
+    forward, which it then runs again); switching the flags off here avoids the copies. The
+    values are the same either way. Not thread-safe: the flags of the shared net flip for the duration.
     """
     flipped = [m for m in module.modules() if getattr(m, "inplace", False) is True]
     for m in flipped:
@@ -287,7 +296,9 @@ class PatchModel(nn.Module):
 
     Args:
         net: ``(image (B, 3, p, p), raster (B, 3, p, p)) -> (B, 2, p, p)``, e.g.
-            ``result["rounds"][r]["chain"].stages[-1]`` (the finest, scale-1 stage), in eval mode.
+            ``result["rounds"][r]["chain"].stages[s]`` in eval mode, fed patches made by
+            `patch_inputs` at that stage's scale ``scales[s]`` (notebooks 04-05: s = 0, the
+            coarse stage).
         output: "mean" (default), "sum" (the authors'), "centre" or "vertices".
 
     With "vertices", a patch whose raster has no vertex pixel has output 0 and a zero

@@ -14,6 +14,18 @@ import os
 import random
 
 
+def _thread_count(n: int | None = None) -> int:
+    """The count `configure_threads` sets: `n`, else `$NETSIM_THREADS`, else 1 (validated)."""
+    if n is not None:
+        count, source = n, "argument"
+    else:
+        env = os.environ.get("NETSIM_THREADS", "").strip()
+        count, source = (int(env) if env.isdigit() else env, "NETSIM_THREADS") if env else (1, "default")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"thread count from {source} must be a positive integer, got {count!r}")
+    return count
+
+
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op thread count and return it.
 
@@ -29,13 +41,7 @@ def configure_threads(n: int | None = None) -> int:
     Raises:
         ValueError: a count (argument or environment) that is not a positive integer.
     """
-    if n is not None:
-        count, source = n, "argument"
-    else:
-        env = os.environ.get("NETSIM_THREADS", "").strip()
-        count, source = (int(env) if env.isdigit() else env, "NETSIM_THREADS") if env else (1, "default")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"thread count from {source} must be a positive integer, got {count!r}")
+    count = _thread_count(n)
     import torch  # imported late: validating the count should not cost a torch import
 
     if torch.get_num_threads() != count:
@@ -44,16 +50,19 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def default_workers() -> int:
-    """How many single-threaded worker processes to run side by side: ``$NETSIM_WORKERS``, else
-    the CPU count divided by the thread count (`configure_threads`'s), at least 1."""
+    """How many worker processes (of `configure_threads`'s thread count each, 1 by default) to
+    run side by side: ``$NETSIM_WORKERS``, else the CPU count divided by that thread count, at
+    least 1.
+
+    Raises:
+        ValueError: a ``$NETSIM_WORKERS`` or ``$NETSIM_THREADS`` that is not a positive integer.
+    """
     env = os.environ.get("NETSIM_WORKERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"NETSIM_WORKERS must be a positive integer, got {env!r}")
         return int(env)
-    threads = os.environ.get("NETSIM_THREADS", "").strip()
-    per_worker = int(threads) if threads.isdigit() and int(threads) > 0 else 1
-    return max(1, (os.cpu_count() or 1) // per_worker)
+    return max(1, (os.cpu_count() or 1) // _thread_count())
 
 
 def seed_everything(seed: int) -> None:

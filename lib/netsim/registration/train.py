@@ -486,7 +486,7 @@ def _train_rounds(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, t
 
 def _run_in_worker(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, train_fn: TrainFn,
                    directory: str, refresh: bool) -> str:
-    """Process-pool entry point: train one `_Run` into the cache (one torch thread)."""
+    """Process-pool entry point: train one `_Run` into the cache (`configure_threads`'s count)."""
     runtime.configure_threads()
     _train_rounds(run, images, heldout_images, cfg, train_fn,
                   lambda name, compute: cache.cached(f"{directory}/{name}.pt", compute, refresh=refresh))
@@ -544,7 +544,8 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
         refresh: retrain even when cached.
         verbose: print one line per trained chain.
         workers: train independent runs (main rounds, clean, each control) in this many
-            processes of one torch thread each; needs a ``profile`` (the processes hand their
+            processes of `runtime.configure_threads`'s thread count each (1 unless
+            ``$NETSIM_THREADS``); needs a ``profile`` (the processes hand their
             chains over through the cache) and a picklable ``train_fn``.
 
     Returns:

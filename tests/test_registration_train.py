@@ -212,8 +212,7 @@ def test_move_cadasters_checks_lengths():
         move_cadasters([[SQUARE]], torch.zeros(2, 2, 8, 8))
 
 
-def test_warmup_schedule_rises_then_decays_to_zero():
-    net = torch.nn.Linear(1, 1)
+def test_warmup_schedule_rises_then_decays_to_zero(monkeypatch):
     seen = []
 
     class Spy(torch.optim.Adam):
@@ -221,18 +220,13 @@ def test_warmup_schedule_rises_then_decays_to_zero():
             seen.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    original = torch.optim.Adam
-    torch.optim.Adam = Spy
-    try:
-        image = torch.rand(2, 3, 8, 8)
-        stage = RegistrationNet(cap=1.0, channels=(2,))
-        train_stage(stage, image, torch.zeros_like(image), steps=10, batch_size=1, amplitude=1.0,
-                    generator=torch.Generator().manual_seed(0), lr=1.0, crop=None, warmup=4)
-    finally:
-        torch.optim.Adam = original
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    image = torch.rand(2, 3, 8, 8)
+    stage = RegistrationNet(cap=1.0, channels=(2,))
+    train_stage(stage, image, torch.zeros_like(image), steps=10, batch_size=1, amplitude=1.0,
+                generator=torch.Generator().manual_seed(0), lr=1.0, crop=None, warmup=4)
     assert seen[:4] == pytest.approx([0.25 * (k + 1) * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(4)])
     assert seen[3] == max(seen) and seen[-1] < 0.05
-    del net
 
 
 def test_heldout_tiles_and_the_noise_sweep():
@@ -264,6 +258,13 @@ def test_worker_processes_give_the_same_chains(tmp_path, monkeypatch):
         assert torch.equal(a["errors"], b["errors"])
     with pytest.raises(ValueError, match="profile"):
         run_rounds(cfg, rounds=1, workers=2)
+
+
+def test_training_leaves_the_global_rng_alone():
+    image = torch.rand(1, 3, 32, 32)
+    state = torch.random.get_rng_state()
+    train_chain(image, [[SQUARE / 2]], types.SimpleNamespace(**{**TINY, "steps": [1]}), seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_inflated_cadasters_have_the_requested_median_error_and_keep_their_centres():

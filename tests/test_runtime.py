@@ -78,3 +78,5 @@ def test_default_workers_reads_the_environment(monkeypatch):
     monkeypatch.delenv("NETSIM_WORKERS")
     monkeypatch.setenv("NETSIM_THREADS", "1")
     assert default_workers() == max(1, os.cpu_count() or 1)
+    monkeypatch.setenv("NETSIM_THREADS", str(2 * (os.cpu_count() or 1)))
+    assert default_workers() == 1  # never below one worker

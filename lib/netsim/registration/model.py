@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +42,7 @@ def _conv_block(in_channels: int, out_channels: int, norm: str = "none") -> nn.S
     # keeps every sample's output (and so its gradient, for the kernels) independent of the
     # batch. With it a stage learns ~3x faster at the same cost per step (measured).
     def norm_layer() -> list[nn.Module]:
-        return [nn.GroupNorm(min(4, out_channels), out_channels)] if norm == "group" else []
+        return [nn.GroupNorm(math.gcd(4, out_channels), out_channels)] if norm == "group" else []
 
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1), *norm_layer(), nn.ReLU(inplace=True),

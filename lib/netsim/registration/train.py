@@ -402,9 +402,10 @@ def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: i
         if len(_get(cfg, name)) != len(scales):
             raise ValueError(f"cfg.{name} needs one value per scale {scales}, got {_get(cfg, name)}")
     start = time.perf_counter()
-    torch.manual_seed(seed)  # initial weights
-    chain = RegistrationChain(scales, caps=_get(cfg, "caps"), channels=_get(cfg, "channels", (16, 32, 64)),
-                              norm=_get(cfg, "norm", "none"))
+    # Initial weights from the seed alone, leaving the global RNG as it was (cached or not).
+    chain = runtime.build_seeded(lambda: RegistrationChain(scales, caps=_get(cfg, "caps"),
+                                                           channels=_get(cfg, "channels", (16, 32, 64)),
+                                                           norm=_get(cfg, "norm", "none")), seed)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for index, scale in enumerate(scales):
@@ -506,8 +507,12 @@ def _train_all(runs: list[_Run], images: Tensor, heldout_images: Tensor, cfg: An
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
         futures = [pool.submit(_run_in_worker, run, images, heldout_images, cfg, train_fn, str(directory), refresh)
                    for run in todo]
-        for future in concurrent.futures.as_completed(futures):
-            log(f"trained {future.result() or 'main '}rounds")
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                log(f"trained {future.result() or 'main_'}rounds")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # report a failed run now, not after the others
+            raise
     return True
 
 

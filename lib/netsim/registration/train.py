@@ -44,6 +44,7 @@ import math
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -485,12 +486,18 @@ def _train_rounds(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, t
     return trained
 
 
+def _artefacts(directory: Path | None, refresh: bool) -> Callable[[str, Callable[[], dict]], dict]:
+    """``artefact(name, compute)``: cached as ``directory / "<name>.pt"``, or computed when None."""
+    if directory is None:
+        return lambda name, compute: compute()
+    return lambda name, compute: cache.cached(directory / f"{name}.pt", compute, refresh=refresh)
+
+
 def _run_in_worker(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, train_fn: TrainFn,
                    directory: str, refresh: bool) -> str:
     """Process-pool entry point: train one `_Run` into the cache (`configure_threads`'s count)."""
     runtime.configure_threads()
-    _train_rounds(run, images, heldout_images, cfg, train_fn,
-                  lambda name, compute: cache.cached(f"{directory}/{name}.pt", compute, refresh=refresh))
+    _train_rounds(run, images, heldout_images, cfg, train_fn, _artefacts(Path(directory), refresh))
     return run.tag
 
 
@@ -595,31 +602,29 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
     runs = [_Run("", noisy, noisy, heldout_noisy, n_rounds, seed)]
     if clean:
         runs.append(_Run("clean_", truth, noisy, heldout_noisy, 1, seed - 1))
-    control_sets: dict[str, tuple[float | None, list, list]] = {}
+    # name -> (noise factor or None, training labels, held-out labels, rounds)
+    control_sets: dict[str, tuple[float | None, list, list, int]] = {}
     n_control = int(_get(cfg, "control_rounds", 1))
     for name in controls:
         if name == "extra_noise":
             factor = float(_get(cfg, "extra_noise_factor", 1.5))
-            control_sets[name] = (factor, *noisy_labels(noise_px * factor, seed + 1)[1:])
+            control_sets[name] = (factor, *noisy_labels(noise_px * factor, seed + 1)[1:], n_control)
         elif name == "biased":
-            control_sets[name] = (None, *noisy_labels(noise["median"], seed + 2, kind="shift")[1:])
+            control_sets[name] = (None, *noisy_labels(noise["median"], seed + 2, kind="shift")[1:], n_control)
         elif name == "inflated":
             control_sets[name] = (None, inflate_cadasters(truth, noise["median"]),
-                                  inflate_cadasters(heldout_truth, noise["median"]) if n_heldout else [])
+                                  inflate_cadasters(heldout_truth, noise["median"]) if n_heldout else [], n_control)
         else:
             for factor in _get(cfg, "sweep_noise_factors", []):
                 control_sets[f"noise{float(factor):g}"] = (float(factor),
-                                                           *noisy_labels(noise_px * float(factor), seed + 3)[1:])
-    for name, (factor, control_noisy, control_heldout) in control_sets.items():
-        runs.append(_Run(f"{name}_", control_noisy, control_noisy, control_heldout,
-                         1 if name.startswith("noise") else n_control, seed + 7))
+                                                           *noisy_labels(noise_px * float(factor), seed + 3)[1:], 1)
+    for name, (factor, control_noisy, control_heldout, control_rounds) in control_sets.items():
+        runs.append(_Run(f"{name}_", control_noisy, control_noisy, control_heldout, control_rounds, seed + 7))
 
-    if directory is None:
-        artefact = lambda name, compute: compute()  # noqa: E731
-    else:
-        if _train_all(runs, images, heldout_images, cfg, train_fn, directory, refresh, workers, log):
-            refresh = False  # the workers just wrote fresh artefacts
-        artefact = lambda name, compute: cache.cached(directory / f"{name}.pt", compute, refresh=refresh)  # noqa: E731
+    if directory is not None and _train_all(runs, images, heldout_images, cfg, train_fn, directory, refresh,
+                                            workers, log):
+        refresh = False  # the workers just wrote fresh artefacts
+    artefact = _artefacts(directory, refresh)
 
     heldout = {"images": heldout_images, "truth": heldout_truth, "noisy": heldout_noisy,
                "noise": evaluate(heldout_noisy, heldout_truth) if n_heldout else None}
@@ -636,7 +641,7 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
     result: dict[str, Any] = {"images": images, "truth": truth, "noisy": noisy, "noise_fields": fields,
                               "noise": noise, "heldout": heldout, "rounds": results(runs[0]),
                               "clean": results(runs[1])[0] if clean else None, "controls": {}}
-    for run, (name, (factor, control_noisy, control_heldout)) in zip(runs[1 + clean:], control_sets.items()):
+    for run, (name, (factor, control_noisy, control_heldout, _)) in zip(runs[1 + clean:], control_sets.items()):
         result["controls"][name] = {
             "noise_factor": factor, "noisy": control_noisy, "noise": evaluate(control_noisy, truth),
             "heldout_noise": evaluate(control_heldout, heldout_truth) if n_heldout else None,

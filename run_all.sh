@@ -20,8 +20,8 @@ scripts/setup_env.sh
 py=.venv/bin/python
 
 status=0
-"$py" -m netsim.runner "$@" || status=$?
+"$py" -m netsim_paper.runner "$@" || status=$?
 # Regenerate the table even after a failure: the notebooks that passed before it have
 # already published new JSON, and the README must always match figures/*.json.
-"$py" -m netsim.report update-readme
+"$py" -m netsim_paper.report update-readme
 exit "$status"

@@ -7,13 +7,13 @@ mean displacement (dx, dy) over the output patch), reduced with the trace (`Benc
 
 Models (`MODELS`):
 
-- "mlp": `netsim.data.sinusoid.sinusoid_mlp(seed=0)`, 21,057 parameters, inputs `(N, 2)` from
+- "mlp": `netsim_paper.sinusoid.data.sinusoid_mlp(seed=0)`, 21,057 parameters, inputs `(N, 2)` from
   `make_sinusoid` (points on the unit circle), epoch loss L1 (the authors' loss).
-- "mnist_cnn": `netsim.speedup.mnist_cnn(0)`, 317,069 parameters (PReLU), inputs
+- "mnist_cnn": `netsim_paper.mnist.speedup.mnist_cnn(0)`, 317,069 parameters (PReLU), inputs
   `(N, 1, 28, 28)` standard normal with random integer labels, `output_fn=class_vs_rest`,
   epoch loss cross-entropy.
 - "cnn1m": `cnn_1m()` below, 1,295,050 parameters, inputs `(N, 3, 32, 32)`, like mnist_cnn.
-- "registration": `netsim.registration.model.RegistrationNet(cap=6.0, channels=(16, 32, 64),
+- "registration": `netsim_paper.registration.model.RegistrationNet(cap=6.0, channels=(16, 32, 64),
   zero_init=False)`, 312,610 parameters, on (image, raster) pairs of 64 x 64 patches packed
   into one `(N, 6, 64, 64)` tensor (`PackedRegistration` splits it again), `output_fn` the mean
   over the patch of each displacement channel (d = 2), epoch loss `registration_loss`
@@ -50,10 +50,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import netsim
-from netsim.data.sinusoid import make_sinusoid, sinusoid_mlp
+from netsim_paper.sinusoid.data import make_sinusoid, sinusoid_mlp
 from netsim.kernel import psd_power
 from netsim.outputs import class_vs_rest
-from netsim.speedup import mnist_cnn
+from netsim_paper.mnist.speedup import mnist_cnn
 
 #: Samples per vmap call of the plain torch.func baseline (netsim's Jacobian engine uses 64).
 VMAP_CHUNK = 64
@@ -149,7 +149,7 @@ REGISTRATION_PATCH = 64
 def registration_net(seed: int = 0) -> PackedRegistration:
     """`RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False)` (312,610 parameters),
     seeded, packed for one input tensor."""
-    from netsim.registration.model import RegistrationNet
+    from netsim_paper.registration.model import RegistrationNet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PackedRegistration(RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False))
@@ -161,7 +161,7 @@ def mean_displacement(field: Tensor) -> Tensor:
 
 
 def _registration_loss(out: Tensor, packed: Tensor) -> Tensor:
-    from netsim.registration.model import registration_loss
+    from netsim_paper.registration.model import registration_loss
     return registration_loss(out, packed[:, :2], packed[:, 2])
 
 

@@ -264,7 +264,7 @@ def _checked(row: dict, check: dict | None) -> dict:
 def child_measure(model: str, n: int, task: str, *, cap: float, reps: int, rep_budget: float,
                   threads: int = 1, mm_gflops: float = 30.0) -> dict:
     """One measurement in this (fresh) process. Returns {"rows": [...], ...}."""
-    from netsim import runtime
+    from netsim_paper import runtime
     runtime.configure_threads(threads)
     torch.manual_seed(0)
     if task == "gemm":

@@ -22,10 +22,13 @@ py="$tmp/venv/bin/python"
 # Top-level requirements straight from pyproject.toml, so there is one source of truth.
 "$py" - > "$tmp/top.txt" <<'PY'
 import tomllib
+with open("lib/pyproject.toml", "rb") as f:
+    lib = tomllib.load(f)["project"]
 with open("pyproject.toml", "rb") as f:
     proj = tomllib.load(f)["project"]
-for req in proj["dependencies"] + proj["optional-dependencies"]["dev"]:
-    print(req)
+for req in lib["dependencies"] + proj["dependencies"] + proj["optional-dependencies"]["dev"]:
+    if not req.startswith("netsim"):   # the library itself: installed from lib/, not PyPI
+        print(req)
 PY
 
 "$py" -m pip install --quiet --upgrade "setuptools>=77"
@@ -37,7 +40,7 @@ PY
     echo "# frozen from a fresh venv ($("$py" --version), $(uname -m)) on $(date -u +%Y-%m-%d)."
     echo "# torch==2.13.0 is satisfied by the local CPU wheel 2.13.0+cpu on the project machines."
     "$py" -m pip freeze --all \
-        | grep -viE '^(pip|wheel|netsim)==' \
+        | grep -viE '^(pip|wheel|netsim|netsim-paper)==' \
         | sed -E 's/^torch==([0-9.]+)\+cpu$/torch==\1/' \
         | LC_ALL=C sort -f -t= -k1,1
 } > requirements.lock.new

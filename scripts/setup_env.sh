@@ -6,7 +6,7 @@
 # access to the package registry.
 #
 # .venv is "stale" when .venv/.netsim-stamp does not hold the sha256 of
-# requirements.lock + pyproject.toml + scripts/constraints.txt, i.e. whenever any pin
+# requirements.lock + both pyproject.toml files + scripts/constraints.txt, i.e. whenever any pin
 # changed. A stale venv is rebuilt from scratch (upgrading in place would keep packages
 # that left the lock). The stamp is written last, so an interrupted or failed install
 # leaves no stamp and the next run starts over.
@@ -20,7 +20,7 @@ _netsim_setup_env() {
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     venv="$root/.venv"
     stamp="$venv/.netsim-stamp"
-    want="$(cat "$root/requirements.lock" "$root/pyproject.toml" "$root/scripts/constraints.txt" \
+    want="$(cat "$root/requirements.lock" "$root/pyproject.toml" "$root/lib/pyproject.toml" "$root/scripts/constraints.txt" \
             | python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 
     # Serialise concurrent set-ups (run_tests.sh and run_all.sh started together).
@@ -46,7 +46,8 @@ _netsim_setup_env() {
     # package about an absent mirror directory); errors are still printed.
     "$py" -m pip install -qq -r "$root/requirements.lock" -c "$root/scripts/constraints.txt"
     # setuptools comes from the lock (torch needs >= 77), so no isolated build env is needed.
-    "$py" -m pip install -qq --no-deps --no-build-isolation -e "$root"
+    # Two distributions, both editable: the library (lib/) and the reproduction (the root).
+    "$py" -m pip install -qq --no-deps --no-build-isolation -e "$root/lib" -e "$root"
     "$py" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (netsim)" >/dev/null
     "$py" -m pip check >/dev/null || { "$py" -m pip check >&2; return 1; }
     echo "$want" > "$stamp"

@@ -15,14 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from .checks import as_output_matrix, check_inputs, check_model_mode
+
 OutputFn = Callable[..., Tensor]
 
 #: Default number of samples per vmap call: large enough to amortise Python overhead,
 #: small enough that `chunk_size * d * p` floats stay modest for ~1M-parameter models.
 DEFAULT_CHUNK = 64
-
-_MODES_THAT_MIX_SAMPLES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     """The parameters the kernels differentiate against: those with `requires_grad=True`.
@@ -44,49 +43,6 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model).values())
 
 
-def _check_model_mode(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if module.training and isinstance(module, _MODES_THAT_MIX_SAMPLES):
-            raise ValueError(
-                f"module {name or type(model).__name__!r} ({type(module).__name__}) is in training "
-                "mode: its output depends on the rest of the batch or on random draws, so a "
-                "per-sample gradient is not defined. Call model.eval() first."
-            )
-
-
-def _check_inputs(model: nn.Module, inputs: Tensor, targets: Tensor | None) -> None:
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
-    device = next(iter(trainable_parameters(model).values())).device
-    if inputs.device != device:
-        raise ValueError(
-            f"inputs are on {inputs.device} but the model's parameters are on {device}: "
-            "move one of them (e.g. inputs.to(device))."
-        )
-    if targets is not None:
-        if targets.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"targets has {targets.shape[0]} rows for {inputs.shape[0]} inputs: one per sample needed"
-            )
-        if targets.device != device:
-            raise ValueError(f"targets are on {targets.device} but the model is on {device}")
-
-
-def _as_output_matrix(out: Tensor, batch: int) -> Tensor:
-    """Checks that an output batch is `(B, d)`; a `(B,)` output is read as d = 1."""
-    if out.ndim == 1 and out.shape[0] == batch:
-        return out.unsqueeze(1)
-    if out.ndim != 2 or out.shape[0] != batch:
-        raise ValueError(
-            f"the (reduced) model output must have shape (B, d) = ({batch}, d), got {tuple(out.shape)}. "
-            "Pass output_fn mapping the raw output batch to (B, d), e.g. the displacement at the "
-            "patch centre, or netsim.outputs.class_vs_rest for a classifier."
-        )
-    return out
-
-
 def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
                targets: Tensor | None = None) -> int:
     """d, the output dimension after `output_fn`, read from a forward pass on one sample."""
@@ -94,7 +50,7 @@ def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
         out = model(inputs[:1])
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets[:1])
-    return _as_output_matrix(out, 1).shape[1]
+    return as_output_matrix(out, 1).shape[1]
 
 
 def _functional_output(model: nn.Module, output_fn: OutputFn | None):
@@ -107,7 +63,7 @@ def _functional_output(model: nn.Module, output_fn: OutputFn | None):
         out = functional_call(model, (params, frozen, buffers), (x,))
         if output_fn is not None:
             out = output_fn(out) if t is None else output_fn(out, t)
-        return _as_output_matrix(out, x.shape[0])
+        return as_output_matrix(out, x.shape[0])
 
     return output
 
@@ -148,8 +104,8 @@ def iter_jacobians(
         targets: optional `(N, ...)` per-sample side information for `output_fn` (class labels).
     """
     params = trainable_parameters(model)
-    _check_model_mode(model)
-    _check_inputs(model, inputs, targets)
+    check_model_mode(model)
+    check_inputs(model, inputs, targets)
     chunk = chunk_size or DEFAULT_CHUNK
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk}")

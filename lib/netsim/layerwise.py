@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .grads import OutputFn, _as_output_matrix, _check_inputs, _check_model_mode, trainable_parameters
+from .checks import as_output_matrix, check_inputs, check_model_mode
+from .grads import OutputFn, trainable_parameters
 
 
 class UnsupportedModel(ValueError):
@@ -201,14 +202,14 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
         UnsupportedModel: shared parameters, a module run more than once, a module with
             several tensor inputs.
     """
-    _check_model_mode(model)
-    _check_inputs(model, inputs, targets)
+    check_model_mode(model)
+    check_inputs(model, inputs, targets)
     owners = _param_modules(model)
     with torch.enable_grad():
         out, records = _record(model, inputs, owners)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)
-        out = _as_output_matrix(out, inputs.shape[0])
+        out = as_output_matrix(out, inputs.shape[0])
         n, d = out.shape
         layer_outputs = [o for _, o in records]
         deltas = [[] for _ in records]

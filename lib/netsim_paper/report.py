@@ -1,0 +1,345 @@
+"""Metrics JSON next to each figure, and the README results table generated from them.
+
+Each notebook ends with::
+
+    report.write_metrics("02_sinusoid_density", {
+        "spearman_soft_vs_hard": rho,
+        "readme_rows": [{"quantity": "Spearman(N_S, N_tau)", "ours": rho, "paper": "≈0.9"}],
+    }, profile=profile, seeds=[seed])
+
+and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds the table between
+`<!-- results:start -->` and `<!-- results:end -->` in README.md from every
+`figures/[0-9][0-9]_*.json`. The numbers in the README are therefore never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import check_profile, repo_root
+from .plotting import figures_dir
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+#: Optional README section filled from bench/results.json (`python bench/run.py`).
+PERF_START, PERF_END = "<!-- performance:start -->", "<!-- performance:end -->"
+#: Keys that write_metrics adds itself; metrics may not use them.
+RESERVED = ("profile", "seeds", "package_versions", "generated_at")
+NO_RESULTS = "No results yet: run ./run_all.sh"
+
+
+# --------------------------------------------------------------------------- metrics JSON
+
+def _to_json(obj: Any, path: str) -> Any:
+    """Plain JSON values from `obj`, converting numpy / torch scalars and arrays.
+
+    A recursive walk rather than only `json.dump(default=...)`: `default` is never called for
+    Python floats, so it cannot catch a NaN, and a walk can name where the bad value sits.
+
+    Raises:
+        ValueError: a NaN or infinite value, naming its key path (e.g. `metrics["a"][3]`).
+        TypeError: a value with no JSON form.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"non-finite value {obj!r} at {path}: refusing to write NaN/inf")
+        return float(obj)  # np.float64 is a float subclass: store the plain value
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"metric keys must be strings, got {key!r} at {path}")
+            out[key] = _to_json(value, f"{path}[{key!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Path):
+        return str(obj)
+    # torch tensors (duck-typed, so that importing this module never imports torch)
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
+        return _to_json(obj.detach().cpu().tolist(), path)
+    # numpy arrays and scalars (np.float32, np.int64, np.bool_ ...) all have .tolist()
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        return _to_json(obj.tolist(), path)
+    raise TypeError(f"cannot write {type(obj).__name__} at {path} as JSON: {obj!r}")
+
+
+def _json_default(obj: Any) -> Any:
+    # Everything was converted by _to_json; reaching here is a bug in it.
+    raise TypeError(f"unconverted value of type {type(obj).__name__}: {obj!r}")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python and the packages the numbers depend on (without importing torch)."""
+    versions = {"python": sys.version.split()[0]}
+    for name in ("torch", "numpy", "matplotlib", "netsim"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_metrics(stem: str, metrics: Mapping[str, Any], *, profile: str,
+                  seeds: int | list[int] | tuple[int, ...]) -> Path:
+    """Write `<figures_dir>/<stem>.json`: the metrics plus provenance.
+
+    Args:
+        stem: the notebook stem, e.g. "02_sinusoid_density" (no directory, no extension).
+        metrics: headline numbers; nested dicts/lists, numpy and torch values are fine.
+            Optional key `readme_rows`: list of {"quantity", "ours", "paper"} dicts, the
+            rows of this notebook's section in the README results table.
+        profile: "smoke" or "paper"; also picks the directory (see `netsim_paper.plotting`).
+        seeds: the seed or seeds the numbers come from.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: a NaN/inf anywhere (the message names its key path), a reserved key
+            ("profile", "seeds", "package_versions", "generated_at"), or a bad stem. Nothing
+            is written then.
+    """
+    if not stem or Path(stem).name != stem or stem.endswith(".json"):
+        raise ValueError(f"stem must be a bare file stem like '02_sinusoid_density', got {stem!r}")
+    check_profile(profile)
+    clash = [k for k in RESERVED if k in metrics]
+    if clash:
+        raise ValueError(f"metrics use reserved keys {clash}; write_metrics adds them itself")
+    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    payload = dict(_to_json(dict(metrics), "metrics"))
+    payload.update(
+        profile=profile,
+        seeds=_to_json(seed_list, "seeds"),
+        package_versions=package_versions(),
+        generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n"
+    path = figures_dir(profile) / f"{stem}.json"
+    _atomic_write_text(path, text)
+    return path
+
+
+# --------------------------------------------------------------------------- README table
+
+def _cell(value: Any) -> str:
+    """One table cell: 4 significant digits for floats, pipes escaped."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _section(stem: str, data: Mapping[str, Any]) -> list[str]:
+    title = data.get("title")
+    lines = [f"### {stem}" + (f" — {title}" if isinstance(title, str) else ""), ""]
+    rows = data.get("readme_rows")
+    if rows is not None:
+        lines += ["| Quantity | Ours | Paper |", "| --- | --- | --- |"]
+        for row in rows:
+            lines.append(f"| {_cell(row.get('quantity'))} | {_cell(row.get('ours'))} "
+                         f"| {_cell(row.get('paper'))} |")
+    else:
+        scalars = {k: v for k, v in data.items()
+                   if k not in RESERVED and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines += ["| Quantity | Value |", "| --- | --- |"]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in scalars.items()]
+    seeds = ", ".join(str(s) for s in data.get("seeds", [])) or "?"
+    versions = data.get("package_versions", {})
+    lines += ["", f"<sub>profile `{data.get('profile', '?')}`, seeds {seeds}, "
+                  f"torch {versions.get('torch', '?')}, generated {data.get('generated_at', '?')}"
+                  f" — from `figures/{stem}.json`</sub>", ""]
+    return lines
+
+
+def results_markdown(figures: Path) -> str:
+    """The markdown between the README markers, from every `figures/[0-9][0-9]_*.json`."""
+    files = sorted(Path(figures).glob("[0-9][0-9]_*.json"))
+    if not files:
+        return NO_RESULTS + "\n"
+    lines: list[str] = []
+    for file in files:
+        lines += _section(file.stem, json.loads(file.read_text(encoding="utf-8")))
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------- performance
+
+_METHODS = {"epoch": "epoch (reference)", "layerwise": "ours: layerwise", "jacobian": "ours: jacobian",
+            "naive": "naive loop", "vmap": "torch.func vmap",
+            # peers (bench/peers.py, optional `bench` extra)
+            "backpack": "BackPACK BatchGrad", "opacus": "Opacus GradSampleModule",
+            "nngeometry": "nngeometry Jacobian", "nngeometry_gram": "nngeometry GramMatrix",
+            "captum": "Captum TracInCP"}
+
+
+def _method_cell(row: Mapping[str, Any]) -> str:
+    """The method's label, with how a peer ran when that matters (e.g. on a copy of the model
+    without in-place activations, or Captum's per-example path)."""
+    label = _METHODS.get(row.get("method"), _cell(row.get("method")))
+    variants = [_cell(v) for v in (row.get("captum_mode"), row.get("variant")) if v]
+    return f"{label} ({'; '.join(variants)})" if variants else label
+
+
+def _perf_status(row: Mapping[str, Any]) -> str:
+    status = row.get("status", "?")
+    if status == "infeasible":
+        return f"infeasible (G needs {row.get('needs_gb', float('nan')):.1f} GB)"
+    if status == "skipped":
+        if row.get("projected_s") is not None:
+            return f"skipped (projected {row['projected_s']:.0f} s)"
+        return f"skipped ({row.get('reason', 'cap')})"
+    return _cell(status)
+
+
+def performance_markdown(results_json_path: Path | str) -> str:
+    """Markdown of a `bench/results.json` (written by `python bench/run.py`): one table row per
+    (model, N, task, method) with CPU seconds, multiple of the training epoch and peak extra
+    memory, then the goals with measured value, target and whether they are met."""
+    res = json.loads(Path(results_json_path).read_text(encoding="utf-8"))
+    machine, settings = res.get("machine", {}), res.get("settings", {})
+    lines = [f"Mode `{res.get('mode', '?')}`, {res.get('date', '?')}, {_cell(machine.get('cpu_model'))} "
+             f"({machine.get('cores', '?')} cores), torch {machine.get('torch', '?')}, 1 thread. "
+             f"Times: {_cell(settings.get('timing', 'process CPU time'))}. Epoch: {_cell(settings.get('epoch', '?'))}. "
+             "Peak extra MB: peak RSS of the measurement's own process minus its RSS after setup."
+             + (f" Note: {_cell(res['note'])}" if res.get("note") else ""), "",
+             "| Model | N | Task | Method | Seconds | × epoch | Peak extra MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in res.get("results", []):
+        method = _method_cell(row)
+        n = "—" if row.get("n") is None else str(row["n"])
+        if row.get("status") == "ok":
+            x = row.get("x_epoch")
+            cells = [f"{row['seconds']:.3g}", "—" if x is None else f"{x:.3g}",
+                     f"{row.get('peak_extra_mb', 0.0):.0f}"]
+        else:
+            cells = [_perf_status(row), "—", "—"]
+        lines.append(f"| {_cell(row.get('model'))} | {n} | {_cell(row.get('task'))} | {method} | " + " | ".join(cells) + " |")
+    gemm, eff = res.get("gemm") or {}, res.get("gemm_efficiency") or {}
+    if gemm.get("gflops") is not None:
+        line = f"torch.mm {gemm.get('n', '?')}² (1 thread): {gemm['gflops']:.1f} GFLOP/s"
+        if eff.get("gram_gflops") is not None:
+            line += (f"; layer-wise gram of the MLP similarity (N = {eff['n']}): {eff['gram_gflops']:.1f} GFLOP/s "
+                     f"({eff['efficiency']:.0%} of torch.mm)")
+        lines += ["", line + "."]
+    threads = res.get("threads_summary") or {}
+    if threads:
+        lines += ["", "Threads (wall time, 1 vs 2 torch threads): " + "; ".join(
+            f"{k}: {v['wall_1']:.3g} s vs {v['wall_2']:.3g} s" for k, v in threads.items()) + "."]
+    peers = res.get("peers") or {}
+    if peers:
+        lines += ["", "Peers: " + "; ".join(f"{_cell(k)} {_cell(v)}" for k, v in peers.items()) + "."]
+    goals = res.get("goals") or []
+    if goals:
+        lines += ["", "| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
+        for g in goals:
+            m = g.get("measured")
+            note = f" — {g['note']}" if g.get("note") else ""
+            lines.append(f"| {_cell(g.get('goal'))}{_cell(note) if note else ''} | {'—' if m is None else f'{m:.3g}'} "
+                         f"| {_cell(g.get('target'))} | {'yes' if g.get('met') else 'no'} |")
+    budgets = res.get("budgets")
+    if budgets:
+        lines += ["", f"Run-time budgets ({_cell(budgets.get('note'))}; `bench/budgets.py`, {budgets.get('date', '?')}):", "",
+                  "| What | Seconds | Budget (s) | Met |", "| --- | --- | --- | --- |"]
+        for row in budgets.get("rows", []):
+            lines.append(f"| {_cell(row.get('what'))} | {row.get('seconds', float('nan')):.0f} | "
+                         f"{row.get('budget_s', '?')} | {'yes' if row.get('met') else 'no'} |")
+    lines += ["", f"<sub>generated from `bench/results.json` ({res.get('mode', '?')} mode)</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def _has_markers(text: str, start: str, end: str) -> bool:
+    return text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+
+
+def _fill(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+def update_readme(readme: Path | str | None = None, figures: Path | str | None = None,
+                  bench_results: Path | str | None = None) -> Path:
+    """Replace the text between the results markers of `readme` with the generated table.
+
+    If `readme` also holds one `<!-- performance:start -->` followed by one
+    `<!-- performance:end -->` and the bench results exist, the text between those is
+    replaced by `performance_markdown(bench_results)`; otherwise that section is left alone.
+
+    Args:
+        readme: defaults to `<repo>/README.md`.
+        figures: defaults to `<repo>/figures/`.
+        bench_results: defaults to `<repo>/bench/results.json`.
+
+    Raises:
+        ValueError: the results markers are missing, repeated or out of order (the README is
+            then left as it was).
+    """
+    root = repo_root()
+    readme = Path(readme) if readme is not None else root / "README.md"
+    figures = Path(figures) if figures is not None else root / "figures"
+    bench_results = Path(bench_results) if bench_results is not None else root / "bench" / "results.json"
+    text = readme.read_text(encoding="utf-8")
+    if not _has_markers(text, START, END):
+        raise ValueError(f"{readme} must contain exactly one {START} followed by one {END}")
+    new = _fill(text, START, END, results_markdown(figures))
+    if _has_markers(new, PERF_START, PERF_END) and bench_results.is_file():
+        new = _fill(new, PERF_START, PERF_END, performance_markdown(bench_results))
+    if new != text:
+        _atomic_write_text(readme, new)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netsim_paper.report", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("update-readme", help="regenerate the README results table from figures/*.json")
+    up.add_argument("--readme", type=Path, default=None, help="default: <repo>/README.md")
+    up.add_argument("--figures", type=Path, default=None, help="default: <repo>/figures")
+    up.add_argument("--bench-results", type=Path, default=None,
+                    help="default: <repo>/bench/results.json (fills the performance markers if present)")
+    args = parser.parse_args(argv)
+    if args.command == "update-readme":
+        try:
+            path = update_readme(args.readme, args.figures, args.bench_results)
+        except (OSError, ValueError) as err:
+            print(f"update-readme: {err}", file=sys.stderr)
+            return 1
+        print(f"updated results table in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Every per-layer rule against the full-model Jacobians of per_sample_grads."""
+
+import pytest
+import torch
+from torch import nn
+
+import netsim
+from netsim import layerwise
+from netsim_paper.mnist.speedup import mnist_cnn
+
+from conftest import SmallCNN, mlp
+
+
+def _models():
+    seq = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 4))
+    conv_stride = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1), nn.PReLU(3),
+                                nn.Conv2d(3, 2, 2, bias=False), nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    return {
+        "mlp": (mlp(d_out=4, seed=1), torch.randn(6, 3)),
+        "layernorm": (seq, torch.randn(6, 3)),
+        "cnn_bn": (SmallCNN(d_out=4).eval(), torch.randn(5, 1, 8, 8)),
+        "conv_stride_prelu": (conv_stride, torch.randn(5, 1, 8, 8)),
+        "mnist_cnn": (mnist_cnn(0), torch.randn(3, 1, 28, 28)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_models()))
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_factors_equal_the_jacobians(name, d):
+    model, x = _models()[name]
+    output_fn = (lambda out: out[:, :d])
+    factors = layerwise.factorise(model, x, output_fn)
+    J = netsim.per_sample_grads(model, x, output_fn)
+    torch.testing.assert_close(layerwise.materialise(factors), J, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layerwise.self_gram(factors), J @ J.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "conv_stride_prelu"])
+def test_gram_transform_and_sums_equal_dense_formulas(name):
+    model, x = _models()[name]
+    y = x.flip(0)[:3] * 0.5
+    output_fn = (lambda out: out[:, :2])
+    fx, fy = layerwise.factorise(model, x, output_fn), layerwise.factorise(model, y, output_fn)
+    Jx, Jy = netsim.per_sample_grads(model, x, output_fn), netsim.per_sample_grads(model, y, output_fn)
+    full = torch.einsum("iap,jbp->ijab", Jx, Jy)
+    torch.testing.assert_close(layerwise.gram(fx, fy, trace=False), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layerwise.gram(fx, fy, trace=True), full.diagonal(dim1=-2, dim2=-1).sum(-1),
+                               rtol=1e-4, atol=1e-5)
+    left = torch.randn(x.shape[0], 2, 2)
+    torch.testing.assert_close(layerwise.materialise(layerwise.transform(fx, left)), left @ Jx, rtol=1e-4, atol=1e-5)
+    sums = layerwise.add_sums(layerwise.summed(fy), layerwise.summed(fy))
+    torch.testing.assert_close(layerwise.dot_with_sums(fx, sums), 2 * Jx @ Jy.sum(0).T, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_parameters_are_left_out():
+    model, x = mlp(d_out=2, seed=2), torch.randn(4, 3)
+    model[0].bias.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)),
+                               netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_unsupported_structures_are_refused():
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(layerwise.UnsupportedModel, match="shared"):
+        layerwise.factorise(tied, torch.randn(2, 3))
+    with pytest.raises(layerwise.UnsupportedModel, match="2 times"):
+        layerwise.factorise(_Twice(), torch.randn(2, 3))
+
+
+def test_in_place_modifications_after_a_layer_are_handled():
+    """ReLU(inplace=True) after a layer (the registration net's pattern): the recorded outputs
+    are copies, the factors stay exact."""
+    torch.manual_seed(0)
+    inplace = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 4), nn.ReLU(inplace=True),
+                            nn.Linear(4, 1))
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 2))
+    for model, x in ((inplace, torch.randn(5, 3)), (conv, torch.randn(5, 2, 4, 4))):
+        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)),
+                                   netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
+        assert model in layerwise._COPY_RECORDS  # later chunks copy from the start
+        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x[:2])),
+                                   netsim.per_sample_grads(model, x[:2]), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,397 @@
+"""The benchmark suite (bench/): every fast path it times gives the naive reference's numbers,
+the runner writes a valid results.json, and the README performance section is generated.
+
+Nothing here is timed: the numbers of bench/run.py are checked for consistency, not speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from netsim_paper import report
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("netsim_bench_run", BENCH / "run.py")   # puts bench/ on sys.path, imports bench/models.py
+M = run.M
+P = run.P
+
+N_TINY = 12
+
+
+def _reference(b):
+    """G `(N, d, p)` by one autograd.grad per sample and output (independent of the bench
+    code), then k^C (trace: Tr(K_xx^-1/2 K_xy K_yy^-1/2) / d, full rank here) and N_S."""
+    params = [p for p in b.model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(b.n):
+        out = b.outputs(b.inputs[i:i + 1], None if b.targets is None else b.targets[i:i + 1])
+        assert out.shape == (1, b.d)
+        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[0, a], params,
+                                                                                         retain_graph=True)])
+                                 for a in range(b.d)]))
+    G = torch.stack(rows).double()
+    gram = torch.einsum("xap,ybp->xyab", G, G)
+    evals, evecs = torch.linalg.eigh(gram[torch.arange(b.n), torch.arange(b.n)])
+    root = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2)     # K(x, x)^-1/2
+    K = torch.einsum("xab,xybc,ycd->xyad", root, gram, root).diagonal(dim1=2, dim2=3).sum(-1) / b.d
+    return G, K, K.sum(1)
+
+
+#: Patch side for the registration net in the numerical tests (the bench uses 64; the net takes
+#: any multiple of 4, and 16 x 16 keeps these tests fast on a loaded machine).
+SMALL_PATCH = 16
+
+
+@pytest.fixture(scope="module", params=M.available_models())
+def case(request):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+        b = M.make_bench(request.param, N_TINY, seed=3)
+    return b, _reference(b)
+
+
+def _close(actual, expected, atol):
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=atol)
+
+
+def test_registration_bench_is_the_registration_net_on_packed_pairs():
+    from netsim_paper.registration.model import RegistrationNet
+    b = M.make_bench("registration", 3)
+    net = b.model.net
+    assert isinstance(net, RegistrationNet) and net.cap == 6.0 and net.channels == (16, 32, 64)
+    assert b.inputs.shape == (3, 6, 64, 64) and b.d == 2
+    # the packed wrapper is the two-input net on the (image, raster) halves
+    torch.testing.assert_close(b.model(b.inputs), net(b.inputs[:, :3], b.inputs[:, 3:]))
+    assert b.outputs(b.inputs, None).shape == (3, 2)
+    assert b.loss(b.model(b.inputs), b.loss_targets).ndim == 0
+
+
+def test_registration_uses_the_conv_rule_for_every_layer(monkeypatch):
+    """The layer-wise engine takes the registration net as it is (ReLU(inplace=True) included):
+    all its parameterised modules are Conv2d, none falls back to the generic rule."""
+    from netsim import layerwise
+
+    def refuse(*args):
+        raise AssertionError("generic rule used")
+
+    monkeypatch.setattr(layerwise, "_generic_rule", refuse)
+    monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+    b = M.make_bench("registration", 2)
+    factors = layerwise.factorise(b.model, b.inputs, b.output_fn)
+    assert len(factors) == sum(isinstance(m, torch.nn.Conv2d) for m in b.model.modules()) == 19
+    assert run._engine(b, "auto").name == "layerwise"
+
+
+def test_model_sizes():
+    sizes = {name: sum(p.numel() for p in M.make_bench(name, 2).model.parameters()) for name in M.available_models()}
+    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 312_610}
+
+
+def test_per_sample_grads_paths_match_reference(case):
+    b, (G, _, _) = case
+    scale = G.abs().max().item()
+    for fn in (M.naive_grads, M.vmap_grads, M.layerwise_grads, M.ours_grads):
+        _close(fn(b), G, 1e-5 * scale)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "jacobian"])
+def test_ours_match_reference(case, method):
+    b, (_, K, ns) = case
+    _close(M.ours_soft_density(b, method), ns, 1e-4 * N_TINY)
+    _close(M.ours_similarity(b, method), K, 1e-4)
+
+
+@pytest.mark.parametrize("build", ["naive_grads", "vmap_grads"])
+def test_baselines_match_reference(case, build):
+    b, (_, K, ns) = case
+    _close(M.dense_soft_density(getattr(M, build)(b)), ns, 1e-4 * N_TINY)
+    _close(M.dense_similarity(getattr(M, build)(b)), K, 1e-4)
+
+
+def test_epoch_leaves_no_gradients():
+    b = M.make_bench("mlp", 300)
+    M.epoch(b)  # 3 batches of <= 128
+    assert all(p.grad is None for p in b.model.parameters())
+
+
+def test_dense_steps_for_d_2_match_the_reference():
+    torch.manual_seed(0)
+    G = torch.randn(5, 2, 7)
+    G64 = G.double()
+    gram = torch.einsum("xap,ybp->xyab", G64, G64)
+    evals, evecs = torch.linalg.eigh(gram[torch.arange(5), torch.arange(5)])
+    root = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2)
+    K = torch.einsum("xab,xybc,ycd->xyad", root, gram, root).diagonal(dim1=2, dim2=3).sum(-1) / 2
+    _close(M.correlation_from_gram(gram.float()), K, 1e-5)
+    _close(M.dense_similarity(G.clone()), K, 1e-5)
+    _close(M.dense_soft_density(G.clone()), K.sum(1), 1e-5)
+    # any strides: a (d, N, p) layout seen as (N, d, p), as nngeometry returns it
+    _close(M.dense_similarity(G.permute(1, 0, 2).contiguous().permute(1, 0, 2)), K, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "jacobian"])
+def test_similarity_plan_counts_the_executed_gram_flops(method):
+    """The flop formula of the GEMM-efficiency goal equals what the gram calls execute."""
+    b = M.make_bench("mlp", 300)
+    plan = run.similarity_plan(b, method)
+    meter = run.GramMeter()
+    try:
+        M.ours_similarity(b, method)
+    finally:  # undo the wrapping for the other tests
+        meter.restore()
+    evals, pairs = plan["counts"](300)
+    assert meter.flops == pairs * plan["pair_flops"]
+    assert pairs == 300 * 300  # one row block: the whole square
+    # MLP Linear(2,64), 5 x Linear(64,64), Linear(64,1); d = 1: 2 (in + out) per layer and pair
+    assert plan["pair_flops"] == (2 * (2 + 64) + 5 * 2 * (64 + 64) + 2 * (64 + 1)) if method == "layerwise" \
+        else plan["pair_flops"] == 2 * 21_057
+
+
+def test_similarity_plan_counts_the_executed_gram_flops_for_d_2(monkeypatch):
+    monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+    b = M.make_bench("registration", 6)
+    plan = run.similarity_plan(b, "layerwise")
+    meter = run.GramMeter()
+    try:
+        M.ours_similarity(b, "layerwise")
+    finally:
+        meter.restore()
+    assert meter.flops == plan["counts"](6)[1] * plan["pair_flops"]
+    assert plan["pair_flops"] == 2 * 2 * 312_610   # conv layers are dense: 2 d p_l per pair
+
+
+# --------------------------------------------------------------------------- peers
+# Skipped where the optional `bench` extra is not installed (CI, the default .venv).
+
+PEER_CASES = [(m, model) for m in P.PEERS for model in ("mlp", "mnist_cnn", "cnn1m", "registration")]
+#: (peer, model) pairs the peer cannot handle exactly: PReLU has no BackPACK / nngeometry rule.
+UNSUPPORTED = {("backpack", "mnist_cnn"), ("nngeometry", "mnist_cnn"), ("nngeometry_gram", "mnist_cnn")}
+N_PEER = 6
+
+
+@pytest.fixture(scope="module")
+def peer_reference():
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
+                b = M.make_bench(model, N_PEER, seed=3)
+            cache[model] = (b, _reference(b))
+        return cache[model]
+    return get
+
+
+def test_peers_listed_whether_installed_or_not():
+    status = P.status()
+    assert set(status) == {"backpack", "opacus", "nngeometry", "captum"}
+    for module, text in status.items():
+        assert text.startswith("installed (") == P.installed(module), text
+
+
+@pytest.mark.parametrize("method,model", PEER_CASES)
+def test_peer_equals_the_reference(method, model, peer_reference):
+    if not P.installed(method):
+        pytest.skip(f"{P.PEERS[method].dist} not installed (optional extra `bench`)")
+    b, (G, K, _) = peer_reference(model)
+    if (method, model) in UNSUPPORTED:
+        with pytest.raises(P.PeerUnsupported, match="PReLU"):
+            P.prepare(method, b)
+        return
+    prepared = P.prepare(method, b)
+    # BackPACK and Opacus hooks cannot follow ReLU(inplace=True): they run on an out-of-place copy
+    inplace_copy = model == "registration" and method in ("backpack", "opacus")
+    assert (prepared.variant is not None) == inplace_copy
+    out = P.quiet(prepared.run)(b)
+    if prepared.kind == "grads":
+        _close(out, G, 1e-5 * G.abs().max().item())
+        _close(M.dense_similarity(out.clone()), K, 1e-4)
+    else:
+        _close(M.correlation_from_gram(out), K, 1e-3)
+    if method == "captum":
+        assert prepared.mode == ("per-example" if model == "mnist_cnn" else "sample-wise trick")
+
+
+@pytest.mark.slow
+def test_run_quick_smoke(tmp_path):
+    """The runner end to end on the MLP with N = 64 (~15 s: every measurement forks a process)."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--only", "mlp",
+                           "--sizes", "64", "--reps", "1", "--prefault-gb", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick" and res["settings"]["sizes"] == [64]
+    assert {"cpu_model", "cores", "torch"} <= set(res["machine"])
+    assert res["models"]["mlp"]["d"] == 1 and set(res["peers"]) == {"backpack", "opacus", "nngeometry", "captum"}
+    rows = {(r["task"], r["method"]): r for r in res["results"] if r["model"] == "mlp"}
+    for task in ("per_sample_grads", "soft_density", "similarity"):
+        for method in ("layerwise", "jacobian", "naive", "vmap"):
+            r = rows[(task, method)]
+            assert r["status"] == "ok" and r["seconds"] > 0 and r["x_epoch"] > 0 and r["peak_extra_mb"] >= 0
+            if method in ("naive", "vmap"):
+                assert r["check"]["ok"] and r["check"]["against"] == "netsim.per_sample_grads"
+    assert rows[("epoch", "epoch")]["x_epoch"] == 1.0
+    assert res["gemm"]["gflops"] > 0 and res["memory"]["fault_s_per_gib"] > 0
+    assert res["library"]["lib_sha256"] and res["soft_density_profile"]["mlp"]["total_s"] > 0
+    goals = {g["goal"]: g for g in res["goals"]}
+    assert all(isinstance(g["met"], bool) and g["target"] > 0 for g in goals.values())
+    assert any("mlp" in k for k in goals) and any("GEMM" in k for k in goals)
+    assert {t["threads"] for t in res["threads"]} == {1, 2}
+    assert "goals:" in proc.stdout and "peers:" in proc.stdout
+    md = report.performance_markdown(out)
+    assert "| mlp | 64 | soft_density | ours: layerwise |" in md and "| Goal |" in md
+
+
+RESULTS = {
+    "mode": "quick", "date": "2025-01-01T00:00:00+00:00",
+    "machine": {"cpu_model": "Test CPU", "cores": 2, "torch": "2.13.0"},
+    "settings": {"timing": "process CPU time", "epoch": "forward + backward, no Adam"},
+    "results": [
+        {"model": "mlp", "n": 256, "task": "epoch", "method": "epoch", "status": "ok", "seconds": 0.5,
+         "x_epoch": 1.0, "peak_extra_mb": 1.0},
+        {"model": "mlp", "n": 256, "task": "soft_density", "method": "layerwise", "status": "ok",
+         "seconds": 1.25, "x_epoch": 2.5, "peak_extra_mb": 12.4},
+        {"model": "cnn1m", "n": 4096, "task": "per_sample_grads", "method": "naive", "status": "infeasible",
+         "needs_gb": 21.2},
+        {"model": "cnn1m", "n": 4096, "task": "similarity", "method": "jacobian", "status": "skipped",
+         "projected_s": 999.4},
+        {"model": "mnist_cnn", "n": 256, "task": "similarity", "method": "nngeometry_gram",
+         "status": "error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU"},
+        {"model": "registration", "n": 256, "task": "similarity", "method": "backpack", "status": "ok",
+         "seconds": 50.0, "x_epoch": 10.0, "peak_extra_mb": 900.0, "variant": "copy with ReLU(inplace=False)"},
+    ],
+    "gemm": {"n": 2048, "gflops": 100.0},
+    "peers": {"backpack": "installed (backpack-for-pytorch==1.7.1)", "captum": "not installed (PyPI: captum)"},
+    "gemm_efficiency": {"n": 256, "gram_gflops": 70.0, "efficiency": 0.7},
+    "threads_summary": {"mlp/epoch": {"wall_1": 1.0, "wall_2": 2.0, "faster_threads": 1}},
+    "goals": [{"goal": "soft_density <= 3x epoch (mlp)", "target": 3.0, "measured": 2.5, "met": True},
+              {"goal": "similarity at N=4096 <= 10x epoch", "target": 10.0, "measured": None, "met": False,
+               "note": "not measured"}],
+}
+
+
+def test_performance_markdown(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(RESULTS))
+    md = report.performance_markdown(path)
+    assert "| Model | N | Task | Method | Seconds | × epoch | Peak extra MB |" in md
+    assert "| mlp | 256 | soft_density | ours: layerwise | 1.25 | 2.5 | 12 |" in md
+    assert "| cnn1m | 4096 | per_sample_grads | naive loop | infeasible (G needs 21.2 GB) | — | — |" in md
+    assert "skipped (projected 999 s)" in md
+    assert "| nngeometry GramMatrix | error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU |" in md
+    assert "| BackPACK BatchGrad (copy with ReLU(inplace=False)) | 50 | 10 | 900 |" in md
+    assert "Peers: backpack installed (backpack-for-pytorch==1.7.1); captum not installed (PyPI: captum)." in md
+    assert "100.0 GFLOP/s" in md and "70%" in md
+    assert "| soft_density <= 3x epoch (mlp) | 2.5 | 3 | yes |" in md
+    assert "| similarity at N=4096 <= 10x epoch — not measured | — | 10 | no |" in md
+    assert "Test CPU" in md and "quick" in md and "Note:" not in md
+    path.write_text(json.dumps(dict(RESULTS, note="rows | merged")))
+    assert "Note: rows \\| merged" in report.performance_markdown(path)
+    budgets = {"note": "measured", "date": "d", "rows": [
+        {"what": "run_tests", "seconds": 201.4, "budget_s": 900, "met": True},
+        {"what": "run_all_paper", "seconds": 4000.0, "budget_s": 3600, "met": False}]}
+    path.write_text(json.dumps(dict(RESULTS, budgets=budgets)))
+    md = report.performance_markdown(path)
+    assert "| run_tests | 201 | 900 | yes |" in md and "| run_all_paper | 4000 | 3600 | no |" in md
+
+
+README = f"""# netsim
+
+{report.START}
+old results
+{report.END}
+
+## Performance
+
+{report.PERF_START}
+old performance
+{report.PERF_END}
+
+## Data
+"""
+
+
+def test_update_readme_fills_performance_markers(tmp_path):
+    bench = tmp_path / "results.json"
+    bench.write_text(json.dumps(RESULTS))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(readme, tmp_path / "figures", bench)
+    text = readme.read_text()
+    assert "old results" not in text and "old performance" not in text
+    assert f"{report.PERF_START}\n{report.performance_markdown(bench)}{report.PERF_END}" in text
+    assert text.endswith("## Data\n") and "No results yet" in text
+    report.update_readme(readme, tmp_path / "figures", bench)  # idempotent
+    assert readme.read_text() == text
+
+
+def test_update_readme_leaves_performance_alone_without_results_or_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(readme, tmp_path / "figures", tmp_path / "missing.json")
+    assert "old performance" in readme.read_text()
+    bench = tmp_path / "results.json"
+    bench.write_text(json.dumps(RESULTS))
+    only_start = README.replace(report.PERF_END, "")
+    readme.write_text(only_start)
+    report.update_readme(readme, tmp_path / "figures", bench)
+    assert "old performance" in readme.read_text()
+
+
+@pytest.mark.parametrize("task", ["naive", "vmap"])
+def test_baseline_child_skips_only_the_similarity_when_its_projection_exceeds_the_cap(task):
+    """A tiny torch.mm rate makes the projected G G^T huge: G and the soft density still run, twice."""
+    out = run.child_measure("mlp", 128, task, cap=30.0, reps=2, rep_budget=100.0, mm_gflops=1e-6)
+    rows = {r["task"]: r for r in out["rows"]}
+    assert rows["similarity"]["status"] == "skipped" and rows["similarity"]["projected_s"] > 30
+    assert rows["per_sample_grads"]["status"] == rows["soft_density"]["status"] == "ok"
+    assert rows["soft_density"]["reps"] >= 2 and rows["soft_density"]["seconds"] >= rows["per_sample_grads"]["seconds"]
+
+
+def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
+    row = lambda model, n, task, method, s: {"model": model, "n": n, "task": task, "method": method,  # noqa: E731
+                                             "status": "ok", "seconds": s}
+    old = {"mode": "full", "date": "d0", "models": {"mlp": {"available": True}}, "budgets": {"rows": []},
+           "results": [row("mlp", 64, "epoch", "epoch", 1.0), row("mlp", 64, "similarity", "layerwise", 5.0)],
+           "threads": [{"x": 1}], "soft_density_profile": {"mlp": {"total_s": 1}}, "timeline": [{"t": 0}]}
+    new = {"mode": "full", "date": "d1", "models": {"cnn1m": {"available": True}},
+           "results": [row("mlp", 64, "similarity", "layerwise", 4.0), row("cnn1m", 64, "epoch", "epoch", 2.0)],
+           "threads": [], "soft_density_profile": {}, "timeline": [{"t": 1}]}
+    old["results"].append(dict(row("mlp", 64, "soft_density", "layerwise", 3.0), x_epoch=3.0))
+    new["results"].insert(0, dict(row("mlp", 64, "epoch", "epoch", 1.5), epoch_s=1.5))
+    new["results"][1]["epoch_s"] = 1.5
+    out = run.merge_results(old, new)
+    assert [(r["model"], r["task"], r["seconds"]) for r in out["results"]] == [
+        ("mlp", "epoch", 1.5), ("mlp", "similarity", 4.0), ("mlp", "soft_density", 3.0), ("cnn1m", "epoch", 2.0)]
+    # every ratio stays against the epoch of its own run: the old soft density against 1.0 s
+    assert [r.get("x_epoch") for r in out["results"][:3]] == [1.0, 4.0 / 1.5, 3.0]
+    assert set(out["models"]) == {"mlp", "cnn1m"} and out["threads"] == [{"x": 1}]
+    assert out["soft_density_profile"] == {"mlp": {"total_s": 1}} and len(out["timeline"]) == 2
+    assert out["date"] == "d1" and out["merged"][0]["date"] == "d0" and out["budgets"] == {"rows": []}
+    # the GEMM efficiency (and the torch.mm rate it was computed against) of the larger N wins
+    old.update(gemm_efficiency={"n": 4096, "efficiency": 0.7}, gemm={"gflops": 100.0})
+    new.update(gemm_efficiency={"n": 256, "efficiency": 0.9}, gemm={"gflops": 90.0})
+    out = run.merge_results(old, new)
+    assert out["gemm_efficiency"]["n"] == 4096 and out["gemm"]["gflops"] == 100.0
+    new["gemm_efficiency"]["n"] = 8192
+    assert run.merge_results(old, new)["gemm_efficiency"]["n"] == 8192

@@ -1,0 +1,159 @@
+"""netsim_paper.report: metrics JSON writer and the generated README results table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from netsim_paper import report
+
+README = """# netsim
+
+## Results
+
+{start}
+old table
+{end}
+
+## Data
+""".format(start=report.START, end=report.END)
+
+
+@pytest.fixture
+def figdir(tmp_path, monkeypatch):
+    path = tmp_path / "figures"
+    monkeypatch.setenv("NETSIM_FIGURES_DIR", str(path))
+    return path
+
+
+def test_write_metrics_content(figdir):
+    path = report.write_metrics("02_demo", {
+        "slope": np.float32(-0.5), "count": np.int64(3), "curve": np.arange(3.0),
+        "t": torch.tensor([1.5, 2.5]), "t0": torch.tensor(7), "flag": np.bool_(True),
+        "nested": {"a": [1, 2.5]},
+    }, profile="smoke", seeds=0)
+    assert path == figdir / "02_demo.json"
+    data = json.loads(path.read_text())
+    assert data["slope"] == -0.5 and data["count"] == 3 and data["curve"] == [0.0, 1.0, 2.0]
+    assert data["t"] == [1.5, 2.5] and data["t0"] == 7 and data["flag"] is True
+    assert data["nested"] == {"a": [1, 2.5]}
+    assert data["profile"] == "smoke" and data["seeds"] == [0]
+    assert set(data["package_versions"]) == {"python", "torch", "numpy", "matplotlib", "netsim"}
+    assert data["package_versions"]["torch"].startswith("2.13.0")
+    assert data["generated_at"].endswith("+00:00")
+    assert path.read_text().startswith("{\n  ")  # pretty-printed
+
+
+@pytest.mark.parametrize("metrics, where", [
+    ({"a": float("nan")}, "metrics['a']"),
+    ({"a": {"b": [1.0, float("inf")]}}, "metrics['a']['b'][1]"),
+    ({"curve": np.array([0.0, np.nan])}, "metrics['curve'][1]"),
+    ({"t": torch.tensor([[1.0], [float("-inf")]])}, "metrics['t'][1][0]"),
+    ({"x": np.float64("nan")}, "metrics['x']"),
+])
+def test_write_metrics_rejects_non_finite_naming_the_key_path(figdir, metrics, where):
+    with pytest.raises(ValueError) as err:
+        report.write_metrics("02_demo", metrics, profile="paper", seeds=[0])
+    assert where in str(err.value)
+    assert not figdir.exists() or list(figdir.iterdir()) == []  # nothing written, not even a temp
+
+
+def test_failed_write_keeps_previous_file(figdir):
+    good = report.write_metrics("02_demo", {"a": 1.0}, profile="paper", seeds=[0, 1])
+    before = good.read_text()
+    with pytest.raises(ValueError):
+        report.write_metrics("02_demo", {"a": float("nan")}, profile="paper", seeds=[0])
+    assert good.read_text() == before
+    assert sorted(p.name for p in figdir.iterdir()) == ["02_demo.json"]
+
+
+def test_write_is_atomic(figdir, monkeypatch):
+    """A crash between writing and renaming leaves the old file and no temp file behind."""
+    good = report.write_metrics("02_demo", {"a": 1.0}, profile="paper", seeds=[0])
+    before = good.read_text()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_metrics("02_demo", {"a": 2.0}, profile="paper", seeds=[0])
+    assert good.read_text() == before
+    assert os.listdir(figdir) == ["02_demo.json"]
+
+
+@pytest.mark.parametrize("metrics", [{"profile": "x"}, {"seeds": [1]}, {"o": object()}])
+def test_write_metrics_rejects_reserved_keys_and_unknown_types(figdir, metrics):
+    with pytest.raises((ValueError, TypeError)):
+        report.write_metrics("02_demo", metrics, profile="paper", seeds=[0])
+
+
+def test_write_metrics_rejects_bad_stem_and_profile(figdir):
+    for stem in ("a/b", "x.json", ""):
+        with pytest.raises(ValueError):
+            report.write_metrics(stem, {}, profile="paper", seeds=[0])
+    with pytest.raises(ValueError, match="smoke, paper"):
+        report.write_metrics("02_demo", {}, profile="full", seeds=[0])
+
+
+def test_update_readme_replaces_between_markers(tmp_path, figdir):
+    report.write_metrics("02_demo", {
+        "title": "Sinusoid",
+        "readme_rows": [{"quantity": "slope of N_S", "ours": -0.3512345, "paper": "-1"}],
+        "slope": -0.35,
+    }, profile="paper", seeds=[0, 1])
+    report.write_metrics("01_align", {"median_px": 1.25, "rounds": 3, "ok": True,
+                                      "curve": [1.0, 2.0]}, profile="paper", seeds=0)
+    (figdir / "notes.json").write_text("{}")  # not a notebook's metrics: ignored
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+
+    report.update_readme(readme, figdir)
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("# netsim\n\n## Results\n\n") and text.endswith("\n\n## Data\n")
+    body = text[text.index(report.START):text.index(report.END)]
+    assert body.index("### 01_align") < body.index("### 02_demo — Sinusoid")
+    assert "| slope of N_S | -0.3512 | -1 |" in body  # readme_rows win over scalars
+    assert "| slope |" not in body
+    assert "| median_px | 1.25 |" in body and "| rounds | 3 |" in body
+    assert "| ok |" not in body and "| curve |" not in body  # only numeric scalars
+    assert "notes" not in body
+
+    report.update_readme(readme, figdir)  # idempotent
+    assert readme.read_text() == text
+
+
+def test_update_readme_without_results(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(readme, tmp_path / "empty")
+    assert f"{report.START}\nNo results yet: run ./run_all.sh\n{report.END}" in readme.read_text()
+
+
+@pytest.mark.parametrize("text", [
+    "# no markers\n",
+    f"{report.START}\nonly start\n",
+    f"{report.END}\n{report.START}\n",
+    f"{report.START}\n{report.END}\n{report.START}\n{report.END}\n",
+])
+def test_update_readme_requires_markers(tmp_path, text):
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    with pytest.raises(ValueError, match="results:start"):
+        report.update_readme(readme, tmp_path)
+    assert readme.read_text() == text
+
+
+def test_cli_update_readme(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert report.main(["update-readme", "--readme", str(readme), "--figures", str(tmp_path)]) == 0
+    assert "No results yet" in readme.read_text()
+    readme.write_text("no markers")
+    assert report.main(["update-readme", "--readme", str(readme), "--figures", str(tmp_path)]) == 1
+    assert "results:start" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from netsim_paper.registration.aerial import loss_weights, rasterize
+from netsim_paper.registration.geometry import loss_weights, rasterize
 from netsim_paper.registration.model import RegistrationChain, RegistrationNet, downsample_image, registration_loss
 
 SQUARE = torch.tensor([[20.0, 20.0], [40.0, 20.0], [40.0, 40.0], [20.0, 40.0]], dtype=torch.float64)

@@ -6,7 +6,7 @@ import torch
 
 import netsim
 from netsim import diagnostics
-from netsim_paper.registration.aerial import rasterize
+from netsim_paper.registration.geometry import rasterize
 from netsim_paper.registration import patches
 from netsim_paper.registration.model import RegistrationNet
 from netsim_paper.registration.train import label_noise_fields, make_tiles, move_cadasters

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from netsim_paper.registration.aerial import rasterize
+from netsim_paper.registration.geometry import rasterize
 from netsim_paper.registration import train
 from netsim_paper.registration.deform import move_polygons
 from netsim_paper.registration.model import RegistrationNet, registration_loss

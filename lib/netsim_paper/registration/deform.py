@@ -3,7 +3,7 @@
 The registration experiment of the paper's section 1 (after Girard et al., "Noisy supervision
 for correcting misaligned cadaster maps") trains on pairs ((I, M∘φ), φ): an aerial image I,
 the raster M of its building cadaster misaligned by a random smooth field φ, and φ itself.
-Every module of `netsim_paper.registration` and `netsim_paper.registration.aerial` follows these conventions:
+Every module of `netsim_paper.registration` follows these conventions:
 
 - Coordinates: ``(x, y)`` in pixels of the full-resolution tile, x = column, y = row, pixel
   centres at integer + 0.5, so an ``(H, W)`` tile spans ``[0, W] x [0, H]``.

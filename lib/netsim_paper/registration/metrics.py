@@ -63,7 +63,7 @@ def vertex_errors(predicted: Sequence[Tensor], truth: Sequence[Tensor]) -> Tenso
     if not predicted:
         raise ValueError("cadasters are empty: no vertex to measure")
     distances = []
-    for index, (guess, target) in enumerate(zip(predicted, truth)):
+    for index, (guess, target) in enumerate(zip(predicted, truth, strict=True)):
         if guess.ndim != 2 or guess.shape[1] != 2 or guess.shape != target.shape:
             raise ValueError(f"polygon {index}: predicted shape {tuple(guess.shape)} does not match "
                              f"true shape {tuple(target.shape)} (both must be (n, 2))")

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from netsim_paper.registration.aerial import rasterize
 from netsim_paper.registration.deform import align_polygons, scale_field
+from netsim_paper.registration.geometry import rasterize
 
 __all__ = ["RegistrationChain", "RegistrationNet", "downsample_image", "registration_loss"]
 
@@ -56,7 +56,7 @@ class _Encoder(nn.Module):
     def __init__(self, in_channels: int, channels: Sequence[int], norm: str = "none"):
         super().__init__()
         widths = [in_channels, *channels]
-        self.blocks = nn.ModuleList(_conv_block(a, b, norm) for a, b in zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(_conv_block(a, b, norm) for a, b in zip(widths[:-1], widths[1:], strict=True))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = []
@@ -275,8 +275,9 @@ class RegistrationChain(nn.Module):
                 current = align_polygons(current, field)
         return (current, fields) if return_fields else current
 
-    def align_many(self, images: Sequence[Tensor] | Tensor, cadasters: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    def align_many(self, images: Sequence[Tensor] | Tensor,
+                   cadasters: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
         """`align` for each tile: ``images`` ``(B, 3, H, W)`` (or a list), B cadasters."""
         if len(images) != len(cadasters):
             raise ValueError(f"{len(images)} images for {len(cadasters)} cadasters")
-        return [self.align(image, cadaster) for image, cadaster in zip(images, cadasters)]
+        return [self.align(image, cadaster) for image, cadaster in zip(images, cadasters, strict=True)]

@@ -18,9 +18,9 @@ Choices (the authors' where their code says, ours where it does not):
   resolution); ours are 64 full-resolution px (16 px at the coarse stage's scale 4), where
   16-50 px buildings rarely fit whole in a grid cell (measured on 20 synthetic 256-px tiles:
   2.7 such cells per tile of 16, so 10 per tile is impossible). The default is therefore
-  ``require="vertex"``: at least one true building corner inside the cell (a whole or partial building; 10 per tile there), which
-  also makes the true correction below defined in practice. ``require="partial"`` accepts any
-  cell where some pixel centre lies inside a true polygon.
+  ``require="vertex"``: at least one true building corner inside the cell (a whole or partial
+  building; 10 per tile there), which also makes the true correction below defined in practice.
+  ``require="partial"`` accepts any cell where some pixel centre lies inside a true polygon.
 * Network inputs (`patch_inputs`): the image crop and the crop of the raster of the ROUND's
   labels (round r is trained on ``noisy`` for r = 0 and ``rounds[r-1]["labels"]`` after), each
   tile average-pooled / rasterised once at the stage's scale and then cropped (identical to
@@ -87,9 +87,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from netsim_paper.registration.aerial import as_polygon, rasterize
 from netsim.diagnostics import predictions
 from netsim.neighbours import neg_l2_distances
+from netsim_paper.registration.geometry import as_polygon, rasterize
 from netsim_paper.registration.model import downsample_image
 
 __all__ = [
@@ -350,7 +350,8 @@ def patch_outputs(net: nn.Module, image_patches: Tensor, raster_patches: Tensor,
     if output == "vertices":
         empty = torch.nonzero(raster_patches[:, 2].sum((1, 2)) == 0).flatten()
         if empty.numel():
-            raise ValueError(f"patches {empty.tolist()[:20]} have no vertex pixel: output='vertices' is undefined there")
+            raise ValueError(f"patches {empty.tolist()[:20]} have no vertex pixel: "
+                             "output='vertices' is undefined there")
     device = next(net.parameters()).device
     return predictions(PatchModel(net, output), packed.to(device), batch_size=batch_size).cpu()
 
@@ -408,7 +409,8 @@ def patch_corrections(truth: Sequence[Cadaster], labels: Sequence[Cadaster], pos
         true_tile, label_tile = truth[tile], labels[tile]
         if len(true_tile) != len(label_tile):
             raise ValueError(f"tile {tile}: {len(true_tile)} true polygons for {len(label_tile)} labels")
-        shapes = [(torch.as_tensor(t).shape, torch.as_tensor(lab).shape) for t, lab in zip(true_tile, label_tile)]
+        shapes = [(torch.as_tensor(t).shape, torch.as_tensor(lab).shape)
+                  for t, lab in zip(true_tile, label_tile, strict=True)]
         mismatched = [i for i, (a, b) in enumerate(shapes) if a != b]
         if mismatched:
             raise ValueError(f"tile {tile}: polygons {mismatched[:10]} differ in vertex count between truth and labels")

@@ -52,11 +52,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from netsim_paper import cache, config, runtime
-from netsim_paper.registration.aerial import loss_weights, make_scene, rasterize
 from netsim_paper.registration.deform import (control_grid_field, flip, move_polygons, pixel_centres, random_field,
-                                        rotate90, scale_field)
+                                             rotate90, scale_field)
+from netsim_paper.registration.geometry import loss_weights, rasterize
 from netsim_paper.registration.metrics import accuracy_curve, curve_auc, median_error, vertex_errors
 from netsim_paper.registration.model import RegistrationChain, downsample_image, registration_loss
+from netsim_paper.registration.scenes import make_scene
 
 __all__ = [
     "evaluate",

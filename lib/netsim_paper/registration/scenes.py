@@ -6,14 +6,7 @@ module draws suburban tiles whose cadaster is known exactly: the polygons are th
 outlines that were painted into the image. A registration network trained on them has a
 true answer to recover, which the real data never gives.
 
-Conventions (shared with `netsim_paper.registration`):
-
-* A polygon is an ``(n, 2)`` float64 tensor of vertices ``(x, y)`` in pixels of the
-  full-resolution tile: x = column, y = row, pixel ``(row i, col j)`` has its centre at
-  ``(j + 0.5, i + 0.5)``, so an ``H x W`` tile spans ``[0, W] x [0, H]``. The ring is closed
-  implicitly (first vertex not repeated) and may turn either way. A cadaster is a ``list``
-  of polygons.
-* Images are ``(3, H, W)`` float32 in [0, 1]; rasters ``(C, H, W)`` float32.
+Polygons, cadasters, images and rasters follow `netsim_paper.registration.geometry`.
 
 What a scene holds (drawn in this order, each step a small function below):
 
@@ -33,282 +26,37 @@ cars are outside it; there is no roof overhang (the polygon *is* the roof outlin
 from above, as in a true orthophoto), and trees hide parts of it without changing it.
 
 Example:
-    >>> from netsim_paper.registration.aerial import make_scene, rasterize, loss_weights
+    >>> from netsim_paper.registration.scenes import make_scene
     >>> scene = make_scene(0)
     >>> scene.image.shape, len(scene.polygons) > 0
     (torch.Size([3, 256, 256]), True)
-    >>> raster = rasterize(scene.polygons, 256, 256, scale=0.25)   # (3, 64, 64)
-    >>> loss_weights(raster).shape
-    torch.Size([64, 64])
+    >>> scene.raster(scale=0.25).shape   # geometry.rasterize of its cadaster
+    torch.Size([3, 64, 64])
 """
+
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
-import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "AerialPair",
-    "AerialScene",
-    "EDGE_WEIGHT",
-    "FILL_WEIGHT",
-    "VERTEX_WEIGHT",
-    "as_polygon",
-    "load_pairs",
-    "loss_weights",
-    "make_scene",
-    "make_scenes",
-    "rasterize",
-    "scene_batch",
-]
+from netsim_paper.registration.geometry import (
+    PolygonPatch,
+    distance_to_segments,
+    pixel_centre_grid,
+    polygon_patch,
+    rasterize,
+)
 
-#: Per-pixel loss weights of the registration network (background weighs 0).
-FILL_WEIGHT = 0.1
-EDGE_WEIGHT = 1.0
-VERTEX_WEIGHT = 10.0
+__all__ = ["AerialScene", "make_scene", "make_scenes", "scene_batch"]
 
-#: Edge full width and vertex radius never shrink below these many output pixels, so
-#: thin features survive downsampling (0.75 px: every point has a pixel centre that close).
-MIN_EDGE_WIDTH_PX = 1.0
-MIN_VERTEX_RADIUS_PX = 0.75
-
-
-# =========================================================================================
-# Polygons and rasterisation
-# =========================================================================================
-
-def as_polygon(vertices, *, name: str = "polygon") -> Tensor:
-    """Validate and convert vertices to the shared polygon convention.
-
-    Args:
-        vertices: array-like ``(n, 2)`` of ``(x, y)`` pixel coordinates, n >= 3.
-        name: how to call it in error messages.
-
-    Returns:
-        ``(n, 2)`` float64 tensor (a copy when a conversion was needed).
-
-    Raises:
-        ValueError: wrong shape, fewer than 3 vertices, or non-finite coordinates.
-    """
-    polygon = torch.as_tensor(vertices, dtype=torch.float64)
-    if polygon.ndim != 2 or polygon.shape[1] != 2:
-        raise ValueError(f"{name} must have shape (n, 2) of (x, y) vertices, got {tuple(polygon.shape)}")
-    if polygon.shape[0] < 3:
-        raise ValueError(f"{name} needs at least 3 vertices, got {polygon.shape[0]}")
-    if not torch.isfinite(polygon).all():
-        raise ValueError(f"{name} has non-finite coordinates")
-    return polygon
-
-
-def _pixel_centre_grid(y0: int, y1: int, x0: int, x1: int) -> tuple[Tensor, Tensor]:
-    """Centres of the pixels in rows [y0, y1) and columns [x0, x1): two (hc, wc) float64."""
-    ys = torch.arange(y0, y1, dtype=torch.float64) + 0.5
-    xs = torch.arange(x0, x1, dtype=torch.float64) + 0.5
-    return torch.meshgrid(ys, xs, indexing="ij")[::-1]  # (px, py)
-
-
-def _crop_around(polygon: Tensor, pad: float, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Pixel box [y0, y1) x [x0, x1) holding the polygon grown by `pad`, clipped to the tile."""
-    lo = polygon.min(0).values - pad
-    hi = polygon.max(0).values + pad
-    x0, y0 = max(int(math.floor(lo[0])), 0), max(int(math.floor(lo[1])), 0)
-    x1, y1 = min(int(math.ceil(hi[0])), width), min(int(math.ceil(hi[1])), height)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return y0, y1, x0, x1
-
-
-def _inside_even_odd(px: Tensor, py: Tensor, polygon: Tensor) -> Tensor:
-    """Even-odd point-in-polygon test of many points against one ring.
-
-    A horizontal ray from each point to +x crosses edge (a, b) when the edge straddles the
-    point's row (half-open in y, so a vertex on the row is counted once) and the crossing
-    lies right of the point.
-
-    Args:
-        px, py: (...) point coordinates.
-        polygon: (n, 2) vertices.
-
-    Returns:
-        (...) bool, True inside.
-    """
-    xa, ya = polygon[:, 0], polygon[:, 1]
-    xb, yb = polygon.roll(-1, 0)[:, 0], polygon.roll(-1, 0)[:, 1]
-    qx, qy = px.unsqueeze(-1), py.unsqueeze(-1)
-    straddles = (ya > qy) != (yb > qy)
-    dy = torch.where(yb == ya, torch.ones_like(ya), yb - ya)  # horizontal edges never straddle
-    x_cross = xa + (qy - ya) * (xb - xa) / dy
-    crossings = straddles & (qx < x_cross)
-    return crossings.sum(-1) % 2 == 1
-
-
-def _distance_to_segments(px: Tensor, py: Tensor, starts: Tensor, ends: Tensor) -> Tensor:
-    """Euclidean distance from each point to the nearest of m segments.
-
-    Args:
-        px, py: (...) point coordinates.
-        starts, ends: (m, 2) segment end points.
-
-    Returns:
-        (...) distances.
-    """
-    d = ends - starts
-    length2 = (d * d).sum(1).clamp_min(1e-18)
-    rx, ry = px.unsqueeze(-1) - starts[:, 0], py.unsqueeze(-1) - starts[:, 1]
-    t = ((rx * d[:, 0] + ry * d[:, 1]) / length2).clamp(0.0, 1.0)
-    return torch.hypot(rx - t * d[:, 0], ry - t * d[:, 1]).amin(-1)
-
-
-def _distance_to_points(px: Tensor, py: Tensor, points: Tensor) -> Tensor:
-    """(...) distance from each point to the nearest of the (m, 2) `points`."""
-    return torch.hypot(px.unsqueeze(-1) - points[:, 0], py.unsqueeze(-1) - points[:, 1]).amin(-1)
-
-
-@dataclass(frozen=True)
-class _PolygonPatch:
-    """A polygon's rasterisation on the pixel box around it (all arrays (hc, wc))."""
-
-    y0: int
-    x0: int
-    px: Tensor
-    py: Tensor
-    inside: Tensor          # bool, pixel centre inside (even-odd)
-    boundary_distance: Tensor  # distance from the pixel centre to the polygon's outline
-
-    @property
-    def signed_distance(self) -> Tensor:
-        """Positive inside, negative outside."""
-        return torch.where(self.inside, self.boundary_distance, -self.boundary_distance)
-
-    def coverage(self) -> Tensor:
-        """Antialiased fill: the area fraction of a pixel inside, to first order."""
-        return (0.5 + self.signed_distance).clamp(0.0, 1.0)
-
-    def slices(self) -> tuple[slice, slice]:
-        """Where the box sits in the full raster: (rows, cols)."""
-        return slice(self.y0, self.y0 + self.px.shape[0]), slice(self.x0, self.x0 + self.px.shape[1])
-
-
-def _polygon_patch(polygon: Tensor, height: int, width: int, pad: float = 1.5) -> _PolygonPatch | None:
-    """Even-odd fill and outline distance on the pixel box around a polygon (None if off-tile)."""
-    box = _crop_around(polygon, pad, height, width)
-    if box is None:
-        return None
-    y0, y1, x0, x1 = box
-    px, py = _pixel_centre_grid(y0, y1, x0, x1)
-    inside = _inside_even_odd(px, py, polygon)
-    distance = _distance_to_segments(px, py, polygon, polygon.roll(-1, 0))
-    return _PolygonPatch(y0, x0, px, py, inside, distance)
-
-
-def rasterize(
-    polygons: Sequence,
-    height: int,
-    width: int,
-    *,
-    scale: float = 1.0,
-    edge_width: float = 2.0,
-    vertex_radius: float = 2.0,
-    antialias: bool = False,
-) -> Tensor:
-    """Rasterise a cadaster into fill, edge and vertex channels at any scale.
-
-    The raster at ``scale`` s has ``h = round(height * s)`` rows and ``w = round(width * s)``
-    columns; polygon coordinates are multiplied by s, so output pixel ``(i, j)`` has its
-    centre at full-resolution point ``((j + 0.5) / s, (i + 0.5) / s)``, the centre of the
-    block that ``avg_pool2d`` with kernel 1/s would average. Widths are given in
-    full-resolution pixels and scaled too, but the edge never gets thinner than
-    `MIN_EDGE_WIDTH_PX` and a vertex disc never smaller than `MIN_VERTEX_RADIUS_PX` output
-    pixels, so every edge and vertex leaves a mark at coarse scales.
-
-    * fill: pixel centre inside a polygon (even-odd rule; overlapping polygons are unioned).
-    * edge: distance from the pixel centre to a polygon side <= edge width / 2.
-    * vertex: distance from the pixel centre to a vertex <= vertex radius.
-
-    With ``antialias=False`` (default) the channels are exactly 0 or 1 by these rules (an
-    axis-aligned square from (10, 10) to (20, 20) fills exactly 100 pixels). With
-    ``antialias=True`` each test is replaced by a one-pixel linear ramp centred on the same
-    boundary (e.g. edge = clip(width/2 + 0.5 - distance, 0, 1)), a first-order estimate of the
-    area fraction covered, still in [0, 1].
-
-    Args:
-        polygons: the cadaster, a sequence of ``(n, 2)`` (x, y) vertex arrays (may be empty).
-        height, width: full-resolution tile size H, W in pixels.
-        scale: output resolution relative to the tile (0.25 = 4x smaller).
-        edge_width: full width of the edge band, in full-resolution pixels.
-        vertex_radius: radius of the vertex discs, in full-resolution pixels.
-        antialias: soft one-pixel ramps instead of hard 0/1 tests.
-
-    Returns:
-        ``(3, h, w)`` float32 with channels (fill, edge, vertex), each in [0, 1].
-
-    Raises:
-        ValueError: a malformed polygon, a non-positive size or scale, negative widths.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"tile size must be positive, got height={height}, width={width}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    if edge_width < 0 or vertex_radius < 0:
-        raise ValueError(f"edge_width and vertex_radius must be >= 0, got {edge_width}, {vertex_radius}")
-    h, w = max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
-    half_edge = max(edge_width * scale, MIN_EDGE_WIDTH_PX) / 2
-    radius = max(vertex_radius * scale, MIN_VERTEX_RADIUS_PX)
-    raster = torch.zeros(3, h, w, dtype=torch.float32)
-    pad = max(half_edge, radius) + 1.5  # the antialiasing ramp reaches half a pixel further
-    for index, vertices in enumerate(polygons):
-        polygon = as_polygon(vertices, name=f"polygon {index}") * scale
-        patch = _polygon_patch(polygon, h, w, pad)
-        if patch is None:
-            continue
-        vertex_distance = _distance_to_points(patch.px, patch.py, polygon)
-        if antialias:
-            fill = patch.coverage()
-            edge = (half_edge + 0.5 - patch.boundary_distance).clamp(0.0, 1.0)
-            vertex = (radius + 0.5 - vertex_distance).clamp(0.0, 1.0)
-        else:
-            fill = patch.inside.double()
-            edge = (patch.boundary_distance <= half_edge).double()
-            vertex = (vertex_distance <= radius).double()
-        rows, cols = patch.slices()
-        raster[:, rows, cols] = torch.maximum(raster[:, rows, cols], torch.stack([fill, edge, vertex]).float())
-    return raster
-
-
-def loss_weights(raster: Tensor, *, fill_weight: float = FILL_WEIGHT, edge_weight: float = EDGE_WEIGHT,
-                 vertex_weight: float = VERTEX_WEIGHT) -> Tensor:
-    """Per-pixel loss weights of the registration network from a (fill, edge, vertex) raster.
-
-    ``weight = max(fill_weight * fill, edge_weight * edge, vertex_weight * vertex)``: 0 on the
-    background, 0.1 inside buildings, 1 on their outlines, 10 at their corners (the paper's
-    weighting, which makes the few pixels that pin a polygon down dominate the loss).
-
-    Args:
-        raster: ``(..., 3, h, w)`` from `rasterize` (a batch dimension is allowed).
-
-    Returns:
-        ``(..., h, w)`` float weights.
-    """
-    if raster.ndim < 3 or raster.shape[-3] != 3:
-        raise ValueError(f"raster must have shape (..., 3, h, w) = (fill, edge, vertex), got {tuple(raster.shape)}")
-    fill, edge, vertex = raster.unbind(-3)
-    return torch.maximum(torch.maximum(fill_weight * fill, edge_weight * edge), vertex_weight * vertex)
-
-
-# =========================================================================================
-# Scene description
-# =========================================================================================
 
 @dataclass
 class AerialScene:
@@ -453,7 +201,7 @@ def _fractal_noise(rng: np.random.Generator, height: int, width: int, cells: Seq
                    roughness: float = 0.6) -> Tensor:
     """Sum of `_smooth_noise` octaves; coarser cells weigh more (by cell**roughness); unit std."""
     weights = np.array(cells, dtype=float) ** roughness
-    total = sum(w * _smooth_noise(rng, height, width, c) for w, c in zip(weights, cells))
+    total = sum(w * _smooth_noise(rng, height, width, c) for w, c in zip(weights, cells, strict=True))
     return total / total.std().clamp_min(1e-6)
 
 
@@ -585,7 +333,7 @@ class _SceneBuilder:
         # One independent stream per layer, so that switching a layer off (trees=False,
         # shadows=False) leaves every other layer of the scene exactly as it was.
         children = np.random.SeedSequence(seed).spawn(len(_STREAMS))
-        self._streams = {name: np.random.default_rng(child) for name, child in zip(_STREAMS, children)}
+        self._streams = {name: np.random.default_rng(child) for name, child in zip(_STREAMS, children, strict=True)}
         self.height, self.width, self.gsd = height, width, gsd
         self.image = torch.zeros(3, height, width)
         self.height_map = torch.zeros(height, width)  # metres above ground
@@ -599,7 +347,7 @@ class _SceneBuilder:
         self.buildings: list[_Building] = []
         self.trees: list[tuple[np.ndarray, float, float]] = []  # centre, radius px, height m
         self._tree_patches: list[tuple] = []  # per tree: rows, cols, opacity, dx / r, dy / r
-        px, py = _pixel_centre_grid(0, height, 0, width)
+        px, py = pixel_centre_grid(0, height, 0, width)
         self.px, self.py = px.float(), py.float()
 
     def stream(self, layer: str) -> np.random.Generator:
@@ -731,7 +479,7 @@ class _SceneBuilder:
         block_x = torch.arange(0, w, 4, dtype=torch.float32) + 2
         block_y = torch.arange(0, h, 4, dtype=torch.float32) + 2
         bx, by = torch.meshgrid(block_x, block_y, indexing="xy")
-        coarse = _distance_to_segments(bx, by, a, b) <= reach + 2 * math.sqrt(2)
+        coarse = distance_to_segments(bx, by, a, b) <= reach + 2 * math.sqrt(2)
         candidates = coarse.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
         rows, cols = candidates.nonzero(as_tuple=True)
         qx, qy = self.px[rows, cols], self.py[rows, cols]
@@ -754,13 +502,13 @@ class _SceneBuilder:
         if (polygon.min() < margin_px or (polygon[:, 0] > self.width - margin_px).any()
                 or (polygon[:, 1] > self.height - margin_px).any()):
             return False
-        patch = _polygon_patch(torch.from_numpy(polygon), self.height, self.width, pad=clearance_px + 1)
+        patch = polygon_patch(torch.from_numpy(polygon), self.height, self.width, pad=clearance_px + 1)
         rows, cols = patch.slices()
         grown = patch.inside | (patch.boundary_distance <= clearance_px)
         return not bool((grown & self.occupied[rows, cols]).any())
 
-    def _occupy(self, polygon: np.ndarray) -> _PolygonPatch:
-        patch = _polygon_patch(torch.from_numpy(polygon), self.height, self.width)
+    def _occupy(self, polygon: np.ndarray) -> PolygonPatch:
+        patch = polygon_patch(torch.from_numpy(polygon), self.height, self.width)
         rows, cols = patch.slices()
         self.occupied[rows, cols] |= patch.inside | (patch.boundary_distance <= 0.5)
         return patch
@@ -816,7 +564,7 @@ class _SceneBuilder:
                   short_axis: np.ndarray) -> None:
         """A 4.5 x 1.8 m car: body colour, darker windscreen band, 1.5 m tall (casts a shadow)."""
         polygon = _oriented_rectangle(centre, long_axis, short_axis, self.metres(4.5), self.metres(1.8))
-        patch = _polygon_patch(torch.from_numpy(polygon), self.height, self.width)
+        patch = polygon_patch(torch.from_numpy(polygon), self.height, self.width)
         if patch is None:
             return
         rows, cols = patch.slices()
@@ -887,7 +635,7 @@ class _SceneBuilder:
                 continue
             centre = start - v_axis * reach / 2
             polygon = _oriented_rectangle(centre, u_axis, v_axis, self.metres(rng.uniform(3, 5)), reach + 1)
-            patch = _polygon_patch(torch.from_numpy(polygon), self.height, self.width)
+            patch = polygon_patch(torch.from_numpy(polygon), self.height, self.width)
             if patch is None:
                 continue
             rows, cols = patch.slices()
@@ -941,7 +689,7 @@ class _SceneBuilder:
                 base = np.clip(ground_mean * (1 + brightness) + rng.normal(0, 0.01, 3), 0.05, 0.95)
             else:
                 base = _ROOFS[rng.choice(len(_ROOFS), p=_ROOF_PROBABILITIES)] * rng.uniform(0.92, 1.08)
-            patch = _polygon_patch(torch.from_numpy(building.polygon), self.height, self.width)
+            patch = polygon_patch(torch.from_numpy(building.polygon), self.height, self.width)
             rows, cols = patch.slices()
             shade = self._roof_shading(building, patch, sun, contrast=rng.uniform(0.06, 0.3))
             texture = 0.04 * _smooth_noise(rng, *shade.shape, 1) + 0.04 * _smooth_noise(rng, *shade.shape, 6)
@@ -951,7 +699,7 @@ class _SceneBuilder:
             self.height_map[rows, cols] = torch.maximum(self.height_map[rows, cols],
                                                         building.height_m * (alpha > 0.5).float())
 
-    def _roof_shading(self, building: _Building, patch: _PolygonPatch, sun: np.ndarray, contrast: float) -> Tensor:
+    def _roof_shading(self, building: _Building, patch: PolygonPatch, sun: np.ndarray, contrast: float) -> Tensor:
         """(hc, wc) brightness factor of a roof.
 
         Every pixel belongs to the wing it lies deepest in. Within a wing, a hip roof's plane
@@ -1066,7 +814,7 @@ class _SceneBuilder:
     def draw_trees(self, sun: np.ndarray) -> None:
         """Crowns on top of everything: clumpy foliage texture, lit on the sun side, dark rim."""
         rng = self.stream("tree_texture")
-        for (centre, radius, _), (rows, cols, alpha, dx, dy) in zip(self.trees, self._tree_patches):
+        for rows, cols, alpha, dx, dy in self._tree_patches:
             leaf = np.array([rng.uniform(0.14, 0.24), rng.uniform(0.22, 0.32), rng.uniform(0.10, 0.17)])
             if rng.random() < 0.2:  # an autumn / dry crown
                 leaf = leaf * [1.7, 1.3, 1.1]
@@ -1246,7 +994,7 @@ def _visibility(polygons: list[Tensor], tree_mask: Tensor) -> Tensor:
     h, w = tree_mask.shape
     out = torch.ones(len(polygons), dtype=torch.float64)
     for i, polygon in enumerate(polygons):
-        patch = _polygon_patch(polygon, h, w)
+        patch = polygon_patch(polygon, h, w)
         if patch is None or not patch.inside.any():
             continue
         rows, cols = patch.slices()
@@ -1254,190 +1002,3 @@ def _visibility(polygons: list[Tensor], tree_mask: Tensor) -> Tensor:
         out[i] = 1.0 - hidden.double().mean()
     return out
 
-
-# =========================================================================================
-# Real image / polygon pairs
-# =========================================================================================
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_POLYGON_SUFFIXES = (".geojson", ".json", ".csv")
-
-
-@dataclass
-class AerialPair:
-    """A real image and its (possibly misaligned) cadaster.
-
-    Attributes:
-        name: the common file stem.
-        image: ``(3, H, W)`` float32 in [0, 1].
-        polygons: list of ``(n, 2)`` float64 (x, y) pixel coordinates.
-        image_path, polygon_path: where they were read from.
-    """
-
-    name: str
-    image: Tensor
-    polygons: list[Tensor]
-    image_path: Path = field(repr=False)
-    polygon_path: Path = field(repr=False)
-
-    def raster(self, scale: float = 1.0, **kwargs) -> Tensor:
-        return rasterize(self.polygons, self.image.shape[1], self.image.shape[2], scale=scale, **kwargs)
-
-
-def load_pairs(folder: str | Path, *, bounds_tolerance: float = 0.05) -> list[AerialPair]:
-    """Read real image + cadaster pairs that share a file stem.
-
-    Every image ``<name>.png|jpg|jpeg|tif|tiff`` needs exactly one polygon file
-    ``<name>.geojson|json|csv`` and vice versa. Polygon coordinates are pixels of that
-    image, in the module's convention (x = column, y = row, tile = [0, W] x [0, H]):
-
-    * GeoJSON: a FeatureCollection of Polygon / MultiPolygon features (or a bare
-      geometry list); each exterior ring becomes one polygon (holes are dropped, with a
-      warning: the rasteriser fills outlines); a repeated closing vertex is removed.
-    * CSV: a header ``polygon_id,x,y`` and one row per vertex, vertices of a polygon in
-      order, consecutive or not.
-
-    Args:
-        folder: the directory to read.
-        bounds_tolerance: vertices may lie this fraction of the image size outside it
-            (misaligned cadasters do spill over); further out is treated as a mismatch.
-
-    Returns:
-        Pairs sorted by name.
-
-    Raises:
-        FileNotFoundError: the folder does not exist, or an image or polygon file has no
-            partner.
-        ValueError: no pairs, unreadable files, malformed polygons, or polygons far outside
-            their image (wrong image or coordinates not in pixels).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder: {folder}")
-    images = _files_by_stem(folder, _IMAGE_SUFFIXES, "image")
-    cadasters = _files_by_stem(folder, _POLYGON_SUFFIXES, "polygon")
-    orphans = sorted(set(images) ^ set(cadasters))
-    if orphans:
-        details = [f"{images[n].name} has no polygon file" if n in images else f"{cadasters[n].name} has no image"
-                   for n in orphans]
-        raise FileNotFoundError(f"unpaired files in {folder}: " + "; ".join(details))
-    if not images:
-        raise ValueError(f"no image/polygon pairs in {folder} (images: {', '.join(_IMAGE_SUFFIXES)}; "
-                         f"polygons: {', '.join(_POLYGON_SUFFIXES)})")
-    pairs = []
-    for name in sorted(images):
-        image = _read_image(images[name])
-        polygons = _read_polygons(cadasters[name])
-        _check_bounds(polygons, image.shape[1], image.shape[2], bounds_tolerance, cadasters[name])
-        pairs.append(AerialPair(name, image, polygons, images[name], cadasters[name]))
-    return pairs
-
-
-def _files_by_stem(folder: Path, suffixes: tuple[str, ...], kind: str) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise ValueError(f"two {kind} files for '{path.stem}': {found[path.stem].name} and {path.name}")
-            found[path.stem] = path
-    return found
-
-
-def _read_image(path: Path) -> Tensor:
-    """(3, H, W) float32 in [0, 1]; grey images are repeated, alpha is dropped."""
-    try:
-        array = _decode_image(path)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-def _decode_image(path: Path) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] with Pillow, else matplotlib (which reads PNG on its own)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        import matplotlib.image as mpimg
-        array = np.asarray(mpimg.imread(path), dtype=np.float32)
-        if array.max() > 1.0:  # 8-bit data from a non-PNG reader
-            array = array / 255.0
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=2)
-        return array[..., :3]
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def _read_polygons(path: Path) -> list[Tensor]:
-    if path.suffix.lower() == ".csv":
-        return _read_polygon_csv(path)
-    return _read_geojson(path)
-
-
-def _read_geojson(path: Path) -> list[Tensor]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot parse GeoJSON {path}: {error}") from error
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        geometries = [feature.get("geometry") for feature in data.get("features", [])]
-    elif isinstance(data, dict) and "coordinates" in data:
-        geometries = [data]
-    elif isinstance(data, list):
-        geometries = data
-    else:
-        raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, geometry or list of geometries")
-    polygons, dropped_holes = [], 0
-    for k, geometry in enumerate(geometries):
-        if geometry is None:
-            continue
-        kind = geometry.get("type")
-        if kind == "Polygon":
-            rings_list = [geometry["coordinates"]]
-        elif kind == "MultiPolygon":
-            rings_list = geometry["coordinates"]
-        else:
-            raise ValueError(f"{path}: feature {k} is a {kind}, expected Polygon or MultiPolygon")
-        for rings in rings_list:
-            dropped_holes += len(rings) - 1
-            polygons.append(_ring_to_polygon(rings[0], f"{path.name} feature {k}"))
-    if dropped_holes:
-        warnings.warn(f"{path}: dropped {dropped_holes} polygon hole(s); only exterior rings are used", stacklevel=3)
-    return polygons
-
-
-def _ring_to_polygon(ring, name: str) -> Tensor:
-    array = np.asarray(ring, dtype=np.float64)
-    if array.ndim == 2 and array.shape[1] > 2:
-        array = array[:, :2]  # drop z
-    if array.ndim == 2 and len(array) > 3 and np.array_equal(array[0], array[-1]):
-        array = array[:-1]  # GeoJSON repeats the first vertex
-    return as_polygon(array, name=name)
-
-
-def _read_polygon_csv(path: Path) -> list[Tensor]:
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            if header[:3] != ["polygon_id", "x", "y"]:
-                raise ValueError(f"{path}: expected the header 'polygon_id,x,y', got {','.join(header)!r}")
-            vertices: dict[str, list[tuple[float, float]]] = {}
-            for line, row in enumerate(reader, start=2):
-                try:
-                    vertices.setdefault(row["polygon_id"].strip(), []).append((float(row["x"]), float(row["y"])))
-                except (TypeError, ValueError) as error:
-                    raise ValueError(f"{path}:{line}: bad vertex {row}: {error}") from error
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-    return [as_polygon(v, name=f"{path.name} polygon {pid}") for pid, v in vertices.items()]
-
-
-def _check_bounds(polygons: list[Tensor], height: int, width: int, tolerance: float, path: Path) -> None:
-    slack_x, slack_y = tolerance * width, tolerance * height
-    for k, polygon in enumerate(polygons):
-        lo, hi = polygon.min(0).values, polygon.max(0).values
-        if lo[0] < -slack_x or lo[1] < -slack_y or hi[0] > width + slack_x or hi[1] > height + slack_y:
-            raise ValueError(
-                f"{path.name}: polygon {k} spans x [{lo[0]:.1f}, {hi[0]:.1f}], y [{lo[1]:.1f}, {hi[1]:.1f}], far "
-                f"outside the {width} x {height} image: wrong image, or coordinates not in pixels?")

@@ -1,0 +1,37 @@
+"""The library is a distribution of its own (lib/pyproject.toml): its wheel holds the netsim
+package alone and requires only torch and tqdm."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parents[2] / "lib"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(LIB)], check=True, capture_output=True)
+    (path,) = out.glob("netsim-*.whl")
+    return path
+
+
+def test_library_wheel_requires_only_torch_and_tqdm(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    names = sorted(r.split(">")[0].split("=")[0].split("<")[0].split(";")[0].strip() for r in requires)
+    assert names == ["torch", "tqdm"], requires
+    assert all(">=" in r and "==" not in r for r in requires), "lower bounds only, no exact pins"
+
+
+def test_library_wheel_ships_the_library_alone(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        packages = {n.split("/")[0] for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == {"netsim"}

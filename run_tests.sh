@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the test suite and validate the notebooks, both in the
-# smoke profile. Extra arguments go to the first pytest call (e.g. -k kernel, -x, -m "not slow").
-# Exit status is non-zero if either step fails; both steps always run so one CI log shows all.
+# Set up .venv if needed, lint (ruff, configured in pyproject.toml), then run the test suite
+# and validate the notebooks, both in the smoke profile. Extra arguments go to the first
+# pytest call (e.g. -k kernel, -x, -m "not slow").
+# Exit status is non-zero if any step fails; every step always runs so one CI log shows all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -10,6 +11,9 @@ py=.venv/bin/python
 export NETSIM_PROFILE=smoke MPLBACKEND=Agg
 
 status=0
+echo "== ruff check"
+"$py" -m ruff check . || status=$?
+
 echo "== pytest tests/ (profile smoke)"
 "$py" -m pytest tests/ "$@" || status=$?
 

@@ -2,7 +2,7 @@
 
 Notebooks and benchmarks call both at the top::
 
-    >>> from netsim import runtime
+    >>> from netsim_paper import runtime
     >>> runtime.configure_threads()   # 1 unless $NETSIM_THREADS or an argument says otherwise
     1
     >>> runtime.seed_everything(0)
@@ -49,10 +49,18 @@ def configure_threads(n: int | None = None) -> int:
     return count
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its CPU affinity where the OS reports one (a container
+    or `taskset` can allow fewer than the machine has), else `os.cpu_count()`, at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """How many worker processes (of `configure_threads`'s thread count each, 1 by default) to
-    run side by side: ``$NETSIM_WORKERS``, else the CPU count divided by that thread count, at
-    least 1.
+    run side by side: ``$NETSIM_WORKERS``, else `available_cpus` divided by that thread count,
+    at least 1.
 
     Raises:
         ValueError: a ``$NETSIM_WORKERS`` or ``$NETSIM_THREADS`` that is not a positive integer.
@@ -62,7 +70,7 @@ def default_workers() -> int:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"NETSIM_WORKERS must be a positive integer, got {env!r}")
         return int(env)
-    return max(1, (os.cpu_count() or 1) // _thread_count())
+    return max(1, available_cpus() // _thread_count())
 
 
 def seed_everything(seed: int) -> None:

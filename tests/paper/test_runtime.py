@@ -77,6 +77,36 @@ def test_default_workers_reads_the_environment(monkeypatch):
         default_workers()
     monkeypatch.delenv("NETSIM_WORKERS")
     monkeypatch.setenv("NETSIM_THREADS", "1")
-    assert default_workers() == max(1, os.cpu_count() or 1)
+    assert default_workers() == runtime.available_cpus()
     monkeypatch.setenv("NETSIM_THREADS", str(2 * (os.cpu_count() or 1)))
     assert default_workers() == 1  # never below one worker
+
+
+def test_default_workers_follow_the_cpu_affinity_not_the_machine(monkeypatch):
+    monkeypatch.delenv("NETSIM_WORKERS", raising=False)
+    monkeypatch.setenv("NETSIM_THREADS", "1")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
+    assert runtime.available_cpus() == 3 and runtime.default_workers() == 3
+    monkeypatch.setenv("NETSIM_THREADS", "2")
+    assert runtime.default_workers() == 1
+    monkeypatch.delattr(runtime.os, "sched_getaffinity")  # e.g. macOS, Windows
+    assert runtime.available_cpus() == 64
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_available_cpus_is_this_process_affinity():
+    assert runtime.available_cpus() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_default_workers_in_a_process_pinned_to_one_cpu():
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from netsim_paper.runtime import default_workers; print(default_workers())")
+    env = {k: v for k, v in os.environ.items() if k not in ("NETSIM_WORKERS", "NETSIM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,9 +103,6 @@ def test_available_cpus_is_this_process_affinity():
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_default_workers_in_a_process_pinned_to_one_cpu():
-    import subprocess
-    import sys
-
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from netsim_paper.runtime import default_workers; print(default_workers())")
     env = {k: v for k, v in os.environ.items() if k not in ("NETSIM_WORKERS", "NETSIM_THREADS")}

@@ -7,9 +7,17 @@ Each notebook ends with::
         "readme_rows": [{"quantity": "Spearman(N_S, N_tau)", "ours": rho, "paper": "≈0.9"}],
     }, profile=profile, seeds=[seed])
 
-and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds the table between
-`<!-- results:start -->` and `<!-- results:end -->` in README.md from every
-`figures/[0-9][0-9]_*.json`. The numbers in the README are therefore never typed by hand.
+and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds, in README.md:
+
+- the results table between `<!-- results:start -->` and `<!-- results:end -->`, from every
+  `figures/[0-9][0-9]_*.json`, each section linked to its executed notebook in `figures/notebooks/`;
+- the paper-regime line between `<!-- regime:start -->` and `<!-- regime:end -->`, from
+  `figures/01_alignment_cdf.json`;
+- the performance summary (goals, one row per bench model) between `<!-- performance:start -->`
+  and `<!-- performance:end -->`, from `bench/results.json`, and the full table in
+  `bench/RESULTS.md`.
+
+The numbers in the README are therefore never typed by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,10 @@ from .plotting import figures_dir
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 #: Optional README section filled from bench/results.json (`python bench/run.py`).
 PERF_START, PERF_END = "<!-- performance:start -->", "<!-- performance:end -->"
+#: Optional README line filled from the x1.5-noise control of figures/01_alignment_cdf.json.
+REGIME_START, REGIME_END = "<!-- regime:start -->", "<!-- regime:end -->"
+#: Where `./run_all.sh` publishes the executed notebooks, relative to the README.
+NOTEBOOKS_LINK = "figures/notebooks"
 #: Keys that write_metrics adds itself; metrics may not use them.
 RESERVED = ("profile", "seeds", "package_versions", "generated_at")
 NO_RESULTS = "No results yet: run ./run_all.sh"
@@ -141,7 +153,7 @@ def write_metrics(stem: str, metrics: Mapping[str, Any], *, profile: str,
         profile=profile,
         seeds=_to_json(seed_list, "seeds"),
         package_versions=package_versions(),
-        generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n"
     path = figures_dir(profile) / f"{stem}.json"
@@ -164,7 +176,7 @@ def _cell(value: Any) -> str:
 
 def _section(stem: str, data: Mapping[str, Any]) -> list[str]:
     title = data.get("title")
-    lines = [f"### {stem}" + (f" — {title}" if isinstance(title, str) else ""), ""]
+    lines = [f"### [{stem}]({NOTEBOOKS_LINK}/{stem}.ipynb)" + (f" — {title}" if isinstance(title, str) else "")]
     rows = data.get("readme_rows")
     if rows is not None:
         lines += ["| Quantity | Ours | Paper |", "| --- | --- | --- |"]
@@ -193,6 +205,30 @@ def results_markdown(figures: Path) -> str:
     for file in files:
         lines += _section(file.stem, json.loads(file.read_text(encoding="utf-8")))
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def paper_regime_markdown(figures: Path) -> str | None:
+    """One line on the x1.5-noise control of Figs. 1-2 (the paper's noise regime): its median
+    error before and after each round, on the training and the held-out tiles.
+
+    Returns:
+        The line (ending in a newline), or None when `figures/01_alignment_cdf.json` or its
+        `control` entry is missing.
+    """
+    path = Path(figures) / "01_alignment_cdf.json"
+    if not path.is_file():
+        return None
+    control = json.loads(path.read_text(encoding="utf-8")).get("control") or {}
+    rounds = control.get("rounds") or []
+    if control.get("noise_median_px") is None or not rounds:
+        return None
+    train = " → ".join(f"{v:.2f}" for v in [control["noise_median_px"], *(r["median_px"] for r in rounds)])
+    line = (f"noise ×{_cell(control.get('noise_factor'))}, median error (px) of the noisy labels → "
+            f"round{'s 1–' if len(rounds) > 1 else ' '}{len(rounds)}: {train}")
+    heldout = rounds[-1].get("heldout_median_px")
+    if control.get("heldout_noise_median_px") is not None and heldout is not None:
+        line += f" (held-out tiles: {control['heldout_noise_median_px']:.2f} → {heldout:.2f} px)"
+    return line + " — from `figures/01_alignment_cdf.json`\n"
 
 
 # --------------------------------------------------------------------------- performance
@@ -224,6 +260,89 @@ def _perf_status(row: Mapping[str, Any]) -> str:
     return _cell(status)
 
 
+def _goal_lines(res: Mapping[str, Any]) -> list[str]:
+    """The goals table of a results.json (no lines without goals)."""
+    goals = res.get("goals") or []
+    if not goals:
+        return []
+    lines = ["| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
+    for g in goals:
+        m = g.get("measured")
+        note = f" — {g['note']}" if g.get("note") else ""
+        lines.append(f"| {_cell(g.get('goal'))}{_cell(note) if note else ''} | {'—' if m is None else f'{m:.3g}'} "
+                     f"| {_cell(g.get('target'))} | {'yes' if g.get('met') else 'no'} |")
+    return lines
+
+
+#: Our two engines; every other method but the epoch is a baseline or a peer.
+_OURS = ("layerwise", "jacobian")
+
+
+def _ours_versus_best_other(rows: list[Mapping[str, Any]], task: str) -> str:
+    """One summary cell: our faster engine on `task` against the fastest other method that ran
+    (baseline or peer), or why none ran."""
+    mine = [r for r in rows if r.get("task") == task and r.get("method") in _OURS]
+    others = [r for r in rows if r.get("task") == task and r.get("method") not in (*_OURS, "epoch")]
+    ran = [r for r in mine if r.get("status") == "ok"]
+    if not ran:
+        return f"ours: {_perf_status(mine[0])}" if mine else "—"
+    best = min(ran, key=lambda r: r["seconds"])
+    x = best.get("x_epoch")
+    cell = f"{best['seconds']:.3g} s" + ("" if x is None else f" = {x:.3g}× epoch") + f" ({_method_cell(best)})"
+    rivals = [r for r in others if r.get("status") == "ok"]
+    if rivals:
+        rival = min(rivals, key=lambda r: r["seconds"])
+        ratio = rival["seconds"] / best["seconds"]
+        speed = f"{ratio:.3g}× faster" if ratio >= 1 else f"{1 / ratio:.3g}× slower"
+        return f"{cell} vs {rival['seconds']:.3g} s ({_method_cell(rival)}): {speed}"
+    if not others:
+        return f"{cell}; no other method measured"
+    why = []
+    infeasible = [r["needs_gb"] for r in others if r.get("status") == "infeasible" and r.get("needs_gb") is not None]
+    if infeasible:
+        why.append(f"G needs {min(infeasible):.1f} GB")
+    projected = [r["projected_s"] for r in others if r.get("status") == "skipped" and r.get("projected_s") is not None]
+    if projected:
+        why.append(f"projected ≥ {min(projected):.0f} s")
+    if any(str(r.get("status", "")).startswith("error") for r in others):
+        why.append("unsupported")
+    return f"{cell}; none of the {len(others)} others ran ({', '.join(why) or 'skipped'})"
+
+
+def performance_summary_markdown(results_json_path: Path | str) -> str:
+    """The README's performance section from a `bench/results.json`: the goals table, then one
+    row per bench model at the largest N where our soft density ran, our faster engine against
+    the fastest other method (baseline or peer) for the soft density and the N x N similarity."""
+    res = json.loads(Path(results_json_path).read_text(encoding="utf-8"))
+    results = res.get("results", [])
+    table = []
+    for model, info in (res.get("models") or {}).items():
+        sizes = [r["n"] for r in results if r.get("model") == model and r.get("task") == "soft_density"
+                 and r.get("method") in _OURS and r.get("status") == "ok" and r.get("n") is not None]
+        if not sizes:
+            continue
+        n = max(sizes)
+        rows = [r for r in results if r.get("model") == model and r.get("n") == n]
+        params = f" ({info['params']:,} params)" if isinstance(info, Mapping) and info.get("params") else ""
+        table.append(f"| {_cell(model)}{params} | {n} | {_ours_versus_best_other(rows, 'soft_density')} "
+                     f"| {_ours_versus_best_other(rows, 'similarity')} |")
+    lines = _goal_lines(res)
+    if table:
+        lines += ["", "| Model | N | Soft density: ours vs the fastest other "
+                      "| Similarity N × N: ours vs the fastest other |", "| --- | --- | --- | --- |", *table]
+    lines += ["", f"<sub>generated from `bench/results.json` ({res.get('mode', '?')} mode, {res.get('date', '?')}); "
+                  "CPU seconds, 1 thread; × epoch: multiple of a training epoch of the same N</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def results_page_markdown(results_json_path: Path | str) -> str:
+    """`bench/RESULTS.md`: a title, where it comes from, then `performance_markdown`."""
+    return ("# Benchmark results\n\n"
+            "Generated from `results.json` by `python -m netsim_paper.report update-readme` (run by "
+            "`./run_all.sh`); never edited by hand. What is measured and how: [README.md](README.md).\n\n"
+            + performance_markdown(results_json_path))
+
+
 def performance_markdown(results_json_path: Path | str) -> str:
     """Markdown of a `bench/results.json` (written by `python bench/run.py`): one table row per
     (model, N, task, method) with CPU seconds, multiple of the training epoch and peak extra
@@ -246,7 +365,8 @@ def performance_markdown(results_json_path: Path | str) -> str:
                      f"{row.get('peak_extra_mb', 0.0):.0f}"]
         else:
             cells = [_perf_status(row), "—", "—"]
-        lines.append(f"| {_cell(row.get('model'))} | {n} | {_cell(row.get('task'))} | {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(row.get('model'))} | {n} | {_cell(row.get('task'))} | {method} | "
+                     + " | ".join(cells) + " |")
     gemm, eff = res.get("gemm") or {}, res.get("gemm_efficiency") or {}
     if gemm.get("gflops") is not None:
         line = f"torch.mm {gemm.get('n', '?')}² (1 thread): {gemm['gflops']:.1f} GFLOP/s"
@@ -261,17 +381,13 @@ def performance_markdown(results_json_path: Path | str) -> str:
     peers = res.get("peers") or {}
     if peers:
         lines += ["", "Peers: " + "; ".join(f"{_cell(k)} {_cell(v)}" for k, v in peers.items()) + "."]
-    goals = res.get("goals") or []
+    goals = _goal_lines(res)
     if goals:
-        lines += ["", "| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
-        for g in goals:
-            m = g.get("measured")
-            note = f" — {g['note']}" if g.get("note") else ""
-            lines.append(f"| {_cell(g.get('goal'))}{_cell(note) if note else ''} | {'—' if m is None else f'{m:.3g}'} "
-                         f"| {_cell(g.get('target'))} | {'yes' if g.get('met') else 'no'} |")
+        lines += ["", *goals]
     budgets = res.get("budgets")
     if budgets:
-        lines += ["", f"Run-time budgets ({_cell(budgets.get('note'))}; `bench/budgets.py`, {budgets.get('date', '?')}):", "",
+        lines += ["", f"Run-time budgets ({_cell(budgets.get('note'))}; `bench/budgets.py`, "
+                      f"{budgets.get('date', '?')}):", "",
                   "| What | Seconds | Budget (s) | Met |", "| --- | --- | --- | --- |"]
         for row in budgets.get("rows", []):
             lines.append(f"| {_cell(row.get('what'))} | {row.get('seconds', float('nan')):.0f} | "
@@ -292,31 +408,40 @@ def _fill(text: str, start: str, end: str, body: str) -> str:
 
 def update_readme(readme: Path | str | None = None, figures: Path | str | None = None,
                   bench_results: Path | str | None = None) -> Path:
-    """Replace the text between the results markers of `readme` with the generated table.
+    """Regenerate the README's generated sections and `bench/RESULTS.md`.
 
-    If `readme` also holds one `<!-- performance:start -->` followed by one
-    `<!-- performance:end -->` and the bench results exist, the text between those is
-    replaced by `performance_markdown(bench_results)`; otherwise that section is left alone.
+    - Between the results markers: `results_markdown(figures)` (required markers).
+    - Between the regime markers, when present and the metrics exist: `paper_regime_markdown`.
+    - When the bench results exist: between the performance markers (if present)
+      `performance_summary_markdown`, and `RESULTS.md` beside the results file
+      (`results_page_markdown`). Otherwise those are left alone.
 
     Args:
         readme: defaults to `<repo>/README.md`.
-        figures: defaults to `<repo>/figures/`.
-        bench_results: defaults to `<repo>/bench/results.json`.
+        figures: defaults to `figures/` beside the README.
+        bench_results: defaults to `bench/results.json` beside the README.
 
     Raises:
-        ValueError: the results markers are missing, repeated or out of order (the README is
-            then left as it was).
+        ValueError: the results markers are missing, repeated or out of order (nothing is
+            written then).
     """
-    root = repo_root()
-    readme = Path(readme) if readme is not None else root / "README.md"
-    figures = Path(figures) if figures is not None else root / "figures"
-    bench_results = Path(bench_results) if bench_results is not None else root / "bench" / "results.json"
+    readme = Path(readme) if readme is not None else repo_root() / "README.md"
+    figures = Path(figures) if figures is not None else readme.parent / "figures"
+    bench_results = Path(bench_results) if bench_results is not None else readme.parent / "bench" / "results.json"
     text = readme.read_text(encoding="utf-8")
     if not _has_markers(text, START, END):
         raise ValueError(f"{readme} must contain exactly one {START} followed by one {END}")
     new = _fill(text, START, END, results_markdown(figures))
-    if _has_markers(new, PERF_START, PERF_END) and bench_results.is_file():
-        new = _fill(new, PERF_START, PERF_END, performance_markdown(bench_results))
+    regime = paper_regime_markdown(figures)
+    if regime is not None and _has_markers(new, REGIME_START, REGIME_END):
+        new = _fill(new, REGIME_START, REGIME_END, regime)
+    if bench_results.is_file():
+        if _has_markers(new, PERF_START, PERF_END):
+            new = _fill(new, PERF_START, PERF_END, performance_summary_markdown(bench_results))
+        page = bench_results.with_name("RESULTS.md")
+        page_text = results_page_markdown(bench_results)
+        if not page.is_file() or page.read_text(encoding="utf-8") != page_text:
+            _atomic_write_text(page, page_text)
     if new != text:
         _atomic_write_text(readme, new)
     return readme
@@ -327,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("update-readme", help="regenerate the README results table from figures/*.json")
     up.add_argument("--readme", type=Path, default=None, help="default: <repo>/README.md")
-    up.add_argument("--figures", type=Path, default=None, help="default: <repo>/figures")
+    up.add_argument("--figures", type=Path, default=None, help="default: figures/ beside the README")
     up.add_argument("--bench-results", type=Path, default=None,
-                    help="default: <repo>/bench/results.json (fills the performance markers if present)")
+                    help="default: bench/results.json beside the README (fills the performance markers if "
+                         "present, and writes RESULTS.md beside it)")
     args = parser.parse_args(argv)
     if args.command == "update-readme":
         try:

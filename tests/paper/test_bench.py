@@ -298,7 +298,8 @@ def test_performance_markdown(tmp_path):
     assert "| mlp | 256 | soft_density | ours: layerwise | 1.25 | 2.5 | 12 |" in md
     assert "| cnn1m | 4096 | per_sample_grads | naive loop | infeasible (G needs 21.2 GB) | — | — |" in md
     assert "skipped (projected 999 s)" in md
-    assert "| nngeometry GramMatrix | error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU |" in md
+    assert ("| nngeometry GramMatrix | error: PeerUnsupported: nngeometry: I do not know what to do with layer PReLU "
+            "|") in md
     assert "| BackPACK BatchGrad (copy with ReLU(inplace=False)) | 50 | 10 | 900 |" in md
     assert "Peers: backpack installed (backpack-for-pytorch==1.7.1); captum not installed (PyPI: captum)." in md
     assert "100.0 GFLOP/s" in md and "70%" in md
@@ -313,6 +314,59 @@ def test_performance_markdown(tmp_path):
     path.write_text(json.dumps(dict(RESULTS, budgets=budgets)))
     md = report.performance_markdown(path)
     assert "| run_tests | 201 | 900 | yes |" in md and "| run_all_paper | 4000 | 3600 | no |" in md
+
+
+def test_performance_summary_markdown(tmp_path):
+    """The README's summary: the goals, then one row per model at the largest N where our soft
+    density ran, our faster engine against the fastest other method, or why none ran."""
+    row = lambda model, n, task, method, s, **kw: {"model": model, "n": n, "task": task,  # noqa: E731
+                                                   "method": method, "status": "ok", "seconds": s, **kw}
+    res = dict(RESULTS, models={"mlp": {"params": 21_057}, "cnn1m": {}, "registration": {}}, results=[
+        row("mlp", 256, "soft_density", "layerwise", 9.0, x_epoch=3.0),   # a smaller N: not shown
+        row("mlp", 1024, "soft_density", "layerwise", 2.0, x_epoch=2.5),
+        row("mlp", 1024, "soft_density", "jacobian", 4.0),
+        row("mlp", 1024, "soft_density", "naive", 8.0),
+        row("mlp", 1024, "soft_density", "backpack", 6.0, variant="copy"),
+        {"model": "mlp", "n": 1024, "task": "similarity", "method": "layerwise", "status": "skipped",
+         "projected_s": 500.0},
+        row("cnn1m", 4096, "soft_density", "layerwise", 30.0, x_epoch=2.2),
+        row("cnn1m", 4096, "similarity", "layerwise", 80.0, x_epoch=7.0),
+        {"model": "cnn1m", "n": 4096, "task": "soft_density", "method": "vmap", "status": "infeasible",
+         "needs_gb": 21.2},
+        {"model": "cnn1m", "n": 4096, "task": "similarity", "method": "naive", "status": "skipped",
+         "projected_s": 900.0},
+        {"model": "cnn1m", "n": 4096, "task": "similarity", "method": "captum", "status": "error: PeerUnsupported"},
+        row("registration", 64, "similarity", "jacobian", 2.0, x_epoch=1.0),  # no soft density: no row
+    ])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    md = report.performance_summary_markdown(path)
+    assert md.startswith("| Goal | Measured | Target | Met |")
+    assert "| soft_density <= 3x epoch (mlp) | 2.5 | 3 | yes |" in md
+    assert ("| mlp (21,057 params) | 1024 | 2 s = 2.5× epoch (ours: layerwise) vs 6 s (BackPACK BatchGrad (copy)): "
+            "3× faster | ours: skipped (projected 500 s) |") in md
+    assert ("| cnn1m | 4096 | 30 s = 2.2× epoch (ours: layerwise); none of the 1 others ran (G needs 21.2 GB) "
+            "| 80 s = 7× epoch (ours: layerwise); none of the 2 others ran (projected ≥ 900 s, unsupported) |") in md
+    assert "| registration" not in md and "| mlp (21,057 params) | 256 |" not in md
+    slower = dict(res, results=[row("mlp", 8, "similarity", "jacobian", 3.0),
+                                row("mlp", 8, "soft_density", "jacobian", 3.0),
+                                row("mlp", 8, "similarity", "vmap", 1.5)])
+    path.write_text(json.dumps(slower))
+    md = report.performance_summary_markdown(path)
+    assert ("3 s (ours: jacobian); no other method measured "
+            "| 3 s (ours: jacobian) vs 1.5 s (torch.func vmap): 2× slower |") in md
+
+
+def test_update_readme_writes_the_results_page_beside_the_results(tmp_path):
+    bench = tmp_path / "results.json"
+    bench.write_text(json.dumps(RESULTS))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(readme, tmp_path / "figures", bench)
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert page == report.results_page_markdown(bench)
+    assert page.startswith("# Benchmark results\n") and page.endswith(report.performance_markdown(bench))
+    assert "never edited by hand" in page
 
 
 README = f"""# netsim
@@ -339,7 +393,7 @@ def test_update_readme_fills_performance_markers(tmp_path):
     report.update_readme(readme, tmp_path / "figures", bench)
     text = readme.read_text()
     assert "old results" not in text and "old performance" not in text
-    assert f"{report.PERF_START}\n{report.performance_markdown(bench)}{report.PERF_END}" in text
+    assert f"{report.PERF_START}\n{report.performance_summary_markdown(bench)}{report.PERF_END}" in text
     assert text.endswith("## Data\n") and "No results yet" in text
     report.update_readme(readme, tmp_path / "figures", bench)  # idempotent
     assert readme.read_text() == text

@@ -1,9 +1,17 @@
-"""The README's library example must run as written."""
+"""README.md: the library example runs as written, the generated sections are up to date, and the
+page stays short enough to read in five minutes."""
 
+import json
 import re
+import shutil
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+from netsim_paper import report
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+#: "A README a newcomer reads in five minutes" (issue 11): about 250 lines.
+MAX_LINES = 260
 
 
 def test_readme_example_runs():
@@ -11,3 +19,32 @@ def test_readme_example_runs():
     block = re.search(r"<!-- readme-example:start -->\s*```python\n(.*?)```", text, re.S)
     assert block, "README lost its example markers"
     exec(compile(block.group(1), "README.md example", "exec"), {})
+
+
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= MAX_LINES
+
+
+def test_generated_sections_are_up_to_date(tmp_path):
+    """What `update-readme` would write from the committed figures/*.json and bench/results.json
+    is what README.md and bench/RESULTS.md hold: nobody edited the numbers by hand."""
+    readme = tmp_path / "README.md"
+    shutil.copy(README, readme)
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "results.json", tmp_path / "bench" / "results.json")
+    report.update_readme(readme, ROOT / "figures")
+    assert readme.read_text() == README.read_text(), "run: python -m netsim_paper.report update-readme"
+    assert (tmp_path / "bench" / "RESULTS.md").read_text() == (ROOT / "bench" / "RESULTS.md").read_text()
+    for start, end in ((report.START, report.END), (report.REGIME_START, report.REGIME_END),
+                       (report.PERF_START, report.PERF_END)):
+        body = README.read_text().split(start)[1].split(end)[0]
+        assert body.strip(), f"nothing generated between {start} and {end}"
+
+
+def test_narrative_links_every_figure_to_its_executed_notebook():
+    narrative = README.read_text().split(report.START)[0]
+    figures = [p.stem for p in sorted((ROOT / "figures").glob("[0-9][0-9]_*.json"))
+               if str(json.loads(p.read_text()).get("title", "")).startswith("Fig")]
+    assert len(figures) == 5
+    for stem in figures:
+        assert f"](figures/notebooks/{stem}.ipynb)" in narrative, stem

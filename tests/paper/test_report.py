@@ -11,16 +11,16 @@ import torch
 
 from netsim_paper import report
 
-README = """# netsim
+README = f"""# netsim
 
 ## Results
 
-{start}
+{report.START}
 old table
-{end}
+{report.END}
 
 ## Data
-""".format(start=report.START, end=report.END)
+"""
 
 
 @pytest.fixture
@@ -117,7 +117,8 @@ def test_update_readme_replaces_between_markers(tmp_path, figdir):
     assert "old table" not in text
     assert text.startswith("# netsim\n\n## Results\n\n") and text.endswith("\n\n## Data\n")
     body = text[text.index(report.START):text.index(report.END)]
-    assert body.index("### 01_align") < body.index("### 02_demo — Sinusoid")
+    assert body.index("### [01_align](figures/notebooks/01_align.ipynb)\n") \
+        < body.index("### [02_demo](figures/notebooks/02_demo.ipynb) — Sinusoid\n")
     assert "| slope of N_S | -0.3512 | -1 |" in body  # readme_rows win over scalars
     assert "| slope |" not in body
     assert "| median_px | 1.25 |" in body and "| rounds | 3 |" in body
@@ -157,3 +158,34 @@ def test_cli_update_readme(tmp_path, capsys):
     readme.write_text("no markers")
     assert report.main(["update-readme", "--readme", str(readme), "--figures", str(tmp_path)]) == 1
     assert "results:start" in capsys.readouterr().err
+
+
+def test_update_readme_defaults_beside_the_readme(tmp_path):
+    """Without paths, figures/ and bench/ are read beside the README (a test never touches the repo's)."""
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    report.update_readme(readme)
+    assert "No results yet" in readme.read_text() and not (tmp_path / "bench").exists()
+
+
+CONTROL = {"noise_factor": 1.5, "noise_median_px": 11.036, "heldout_noise_median_px": 10.78,
+           "rounds": [{"round": 1, "median_px": 6.3, "heldout_median_px": 6.25},
+                      {"round": 2, "median_px": 3.438, "heldout_median_px": 3.777}]}
+
+
+def test_paper_regime_line_from_the_control(tmp_path, figdir):
+    readme = tmp_path / "README.md"
+    readme.write_text(README + f"The paper's regime: {report.REGIME_START}old{report.REGIME_END}.\n")
+    report.update_readme(readme, figdir)  # no metrics yet: the line is left alone
+    assert f"{report.REGIME_START}old{report.REGIME_END}" in readme.read_text()
+    report.write_metrics("01_alignment_cdf", {"control": CONTROL}, profile="paper", seeds=0)
+    report.update_readme(readme, figdir)
+    line = ("noise ×1.5, median error (px) of the noisy labels → rounds 1–2: 11.04 → 6.30 → 3.44 "
+            "(held-out tiles: 10.78 → 3.78 px) — from `figures/01_alignment_cdf.json`")
+    assert f"{report.REGIME_START}\n{line}\n{report.REGIME_END}." in readme.read_text()
+    one_round = dict(CONTROL, rounds=CONTROL["rounds"][:1], heldout_noise_median_px=None)
+    report.write_metrics("01_alignment_cdf", {"control": one_round}, profile="paper", seeds=0)
+    assert report.paper_regime_markdown(figdir).startswith("noise ×1.5, median error (px) of the noisy labels "
+                                                           "→ round 1: 11.04 → 6.30 — from")
+    report.write_metrics("01_alignment_cdf", {"control": dict(CONTROL, rounds=[])}, profile="paper", seeds=0)
+    assert report.paper_regime_markdown(figdir) is None

@@ -1,5 +1,5 @@
 """The library is a distribution of its own (lib/pyproject.toml): its wheel holds the netsim
-package alone and requires only torch and tqdm."""
+package alone and requires only torch, numpy and tqdm."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
-def test_library_wheel_requires_only_torch_and_tqdm(wheel):
+def test_library_wheel_requires_only_torch_numpy_and_tqdm(wheel):
     with zipfile.ZipFile(wheel) as zf:
         metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     names = sorted(r.split(">")[0].split("=")[0].split("<")[0].split(";")[0].strip() for r in requires)
-    assert names == ["torch", "tqdm"], requires
+    assert names == ["numpy", "torch", "tqdm"], requires
     assert all(">=" in r and "==" not in r for r in requires), "lower bounds only, no exact pins"
 
 

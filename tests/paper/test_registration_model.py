@@ -124,7 +124,8 @@ def test_chain_composes_stage_corrections_in_full_resolution_pixels():
 def test_group_norm_option_makes_each_output_independent_of_the_batch():
     torch.manual_seed(0)
     net = RegistrationNet(cap=3.0, channels=(4, 8), zero_init=False, norm="group")
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == 2 * 6  # 2 per conv block: 2 encoders x 2 levels, fuse, decoder
+    # 2 per conv block: 2 encoders x 2 levels, fuse, decoder
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == 2 * 6
     image, raster = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
     net.train()
     together = net(image, raster)

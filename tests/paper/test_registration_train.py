@@ -8,12 +8,22 @@ import types
 import pytest
 import torch
 
-from netsim_paper.registration.geometry import rasterize
 from netsim_paper.registration import train
 from netsim_paper.registration.deform import move_polygons
+from netsim_paper.registration.geometry import rasterize
 from netsim_paper.registration.model import RegistrationNet, registration_loss
-from netsim_paper.registration.train import (label_noise_fields, move_cadasters, perturbation_field, run_rounds,
-                                       sample_batch, train_chain, train_stage)
+from netsim_paper.registration.train import (
+    TrainedChain,
+    TrainedRound,
+    label_noise_fields,
+    move_cadasters,
+    new_chain,
+    perturbation_field,
+    run_rounds,
+    sample_batch,
+    train_chain,
+    train_stage,
+)
 
 SQUARE = torch.tensor([[20.0, 20.0], [44.0, 20.0], [44.0, 40.0], [20.0, 40.0]], dtype=torch.float64)
 
@@ -152,22 +162,22 @@ def test_rounds_realign_the_original_noisy_labels():
 
     def stub_train(images, labels, cfg, *, seed):
         calls.append([[p.clone() for p in cadaster] for cadaster in labels])
-        return {"chain": ShiftChain(1.0), "losses": [], "seconds": 0.0}
+        return TrainedChain(ShiftChain(1.0), [], 0.0)
 
     result = run_rounds(types.SimpleNamespace(**TINY), rounds=3, clean=False, controls=(), train_fn=stub_train)
-    noisy = result["noisy"]
+    noisy = result.noisy
     assert len(calls) == 3
-    for r, round_result in enumerate(result["rounds"]):
+    for r, round_result in enumerate(result.rounds):
         # Every round's labels are the ORIGINAL noisy labels + one shift, never + (r + 1) shifts.
-        for aligned, original in zip(round_result["labels"], noisy):
+        for aligned, original in zip(round_result.labels, noisy):
             for p, q in zip(aligned, original):
                 torch.testing.assert_close(p, q + 1.0)
         # Round r trained on labels_r: the noisy labels first, then the previous round's output.
-        expected_labels = noisy if r == 0 else result["rounds"][r - 1]["labels"]
+        expected_labels = noisy if r == 0 else result.rounds[r - 1].labels
         for trained_on, expected in zip(calls[r], expected_labels):
             for p, q in zip(trained_on, expected):
                 torch.testing.assert_close(p, q)
-    assert result["noise"]["median"] > 0
+    assert result.noise.median > 0
 
 
 def test_clean_model_and_controls_use_their_labels():
@@ -175,17 +185,17 @@ def test_clean_model_and_controls_use_their_labels():
 
     def stub_train(images, labels, cfg, *, seed):
         seen.append((seed, labels))
-        return {"chain": ShiftChain(0.0), "losses": [], "seconds": 0.0}
+        return TrainedChain(ShiftChain(0.0), [], 0.0)
 
     result = run_rounds(types.SimpleNamespace(**TINY), rounds=1, train_fn=stub_train)
     assert len(seen) == 4  # main round, clean, two controls
     clean_labels = seen[1][1]
-    for p, q in zip(clean_labels[0], result["truth"][0]):
+    for p, q in zip(clean_labels[0], result.truth[0]):
         assert torch.equal(p, q)
-    biased = result["controls"]["biased"]
-    offsets = torch.cat([(p - q) for c, t in zip(biased["noisy"], result["truth"]) for p, q in zip(c, t)])
+    biased = result.controls["biased"]
+    offsets = torch.cat([(p - q) for c, t in zip(biased.noisy, result.truth) for p, q in zip(c, t)])
     assert torch.allclose(offsets, offsets[:1].expand_as(offsets), atol=1e-6)  # one shared shift
-    assert not torch.equal(result["controls"]["extra_noise"]["noisy"][0][0], result["noisy"][0][0])
+    assert not torch.equal(result.controls["extra_noise"].noisy[0][0], result.noisy[0][0])
 
 
 def test_rounds_are_deterministic_and_cached(tmp_path, monkeypatch):
@@ -193,10 +203,10 @@ def test_rounds_are_deterministic_and_cached(tmp_path, monkeypatch):
     cfg = types.SimpleNamespace(**TINY)
     first = run_rounds(cfg, rounds=1, clean=False, controls=())
     second = run_rounds(cfg, rounds=1, clean=False, controls=())
-    assert first["rounds"][0]["losses"] == second["rounds"][0]["losses"]
-    assert torch.equal(first["rounds"][0]["errors"], second["rounds"][0]["errors"])
-    state = first["rounds"][0]["chain"].state_dict()
-    assert all(torch.equal(v, second["rounds"][0]["chain"].state_dict()[k]) for k, v in state.items())
+    assert first.rounds[0].losses == second.rounds[0].losses
+    assert torch.equal(first.rounds[0].training.errors, second.rounds[0].training.errors)
+    state = first.rounds[0].chain.state_dict()
+    assert all(torch.equal(v, second.rounds[0].chain.state_dict()[k]) for k, v in state.items())
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a cached round was retrained")
@@ -204,7 +214,7 @@ def test_rounds_are_deterministic_and_cached(tmp_path, monkeypatch):
     run_rounds(cfg, profile="smoke", rounds=1, clean=False, controls=(), train_fn=train_chain)
     assert (tmp_path / "round0.pt").exists()
     cached = run_rounds(cfg, profile="smoke", rounds=1, clean=False, controls=(), train_fn=must_not_train)
-    assert torch.equal(cached["rounds"][0]["errors"], first["rounds"][0]["errors"])
+    assert torch.equal(cached.rounds[0].training.errors, first.rounds[0].training.errors)
 
 
 def test_move_cadasters_checks_lengths():
@@ -232,16 +242,16 @@ def test_warmup_schedule_rises_then_decays_to_zero(monkeypatch):
 def test_heldout_tiles_and_the_noise_sweep():
     cfg = types.SimpleNamespace(**{**TINY, "heldout_tiles": 1, "sweep_noise_factors": [0.5, 2.0]})
     result = run_rounds(cfg, rounds=1, clean=False, controls=("biased", "sweep"),
-                        train_fn=lambda images, labels, cfg, *, seed: {"chain": ShiftChain(0.0)})
-    assert len(result["heldout"]["truth"]) == 1 and result["heldout"]["noise"]["median"] > 0
-    assert result["rounds"][0]["heldout"]["median"] == pytest.approx(result["heldout"]["noise"]["median"])
-    sweep = [result["controls"][f"noise{f:g}"] for f in (0.5, 2.0)]
-    assert [c["noise_factor"] for c in sweep] == [0.5, 2.0]
-    assert sweep[0]["noise"]["median"] < result["noise"]["median"] < sweep[1]["noise"]["median"]
+                        train_fn=lambda images, labels, cfg, *, seed: TrainedChain(ShiftChain(0.0), [], 0.0))
+    assert len(result.heldout.truth) == 1 and result.heldout.noise.median > 0
+    assert result.rounds[0].heldout.median == pytest.approx(result.heldout.noise.median)
+    sweep = [result.controls[f"noise{f:g}"] for f in (0.5, 2.0)]
+    assert [c.noise_factor for c in sweep] == [0.5, 2.0]
+    assert sweep[0].noise.median < result.noise.median < sweep[1].noise.median
     # the biased control's held-out labels carry the same shift as its training labels
-    biased = result["controls"]["biased"]
-    shift = biased["noisy"][0][0][0] - result["truth"][0][0][0]
-    held = [p - q for c, t in zip(biased["rounds"][0]["heldout_labels"], result["heldout"]["truth"]) for p, q in zip(c, t)]
+    biased = result.controls["biased"]
+    shift = biased.noisy[0][0][0] - result.truth[0][0][0]
+    held = [p - q for c, t in zip(biased.rounds[0].heldout_labels, result.heldout.truth) for p, q in zip(c, t)]
     torch.testing.assert_close(torch.cat(held), shift.expand(sum(len(p) for p in held), 2), atol=1e-4, rtol=0)
 
 
@@ -252,10 +262,10 @@ def test_worker_processes_give_the_same_chains(tmp_path, monkeypatch):
     monkeypatch.setattr(train.config, "cache_dir", lambda experiment, profile, cfg: tmp_path / "two")
     two = run_rounds(cfg, profile="smoke", rounds=1, controls=("biased",), workers=2)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["biased_round0.pt", "clean_round0.pt", "round0.pt"]
-    for a, b in ((one["rounds"][0], two["rounds"][0]), (one["clean"], two["clean"]),
-                 (one["controls"]["biased"]["rounds"][0], two["controls"]["biased"]["rounds"][0])):
-        assert a["losses"] == b["losses"]
-        assert torch.equal(a["errors"], b["errors"])
+    for a, b in ((one.rounds[0], two.rounds[0]), (one.clean, two.clean),
+                 (one.controls["biased"].rounds[0], two.controls["biased"].rounds[0])):
+        assert a.losses == b.losses
+        assert torch.equal(a.training.errors, b.training.errors)
     with pytest.raises(ValueError, match="profile"):
         run_rounds(cfg, rounds=1, workers=2)
 
@@ -280,3 +290,39 @@ def test_inflated_cadasters_have_the_requested_median_error_and_keep_their_centr
             assert (p - p.mean(0)).norm(dim=1).min() > (q - q.mean(0)).norm(dim=1).min()  # outward
     with pytest.raises(ValueError, match="no polygon"):
         inflate_cadasters([[]], 1.0)
+
+
+def test_sweep_without_noise_factors_is_an_error():
+    cfg = types.SimpleNamespace(**{**TINY, "sweep_noise_factors": []})
+    with pytest.raises(ValueError, match="sweep_noise_factors"):
+        run_rounds(cfg, rounds=1, clean=False, controls=("sweep",),
+                   train_fn=lambda images, labels, cfg, *, seed: TrainedChain(ShiftChain(0.0), [], 0.0))
+    with pytest.raises(ValueError, match="sweep_noise_factors"):
+        run_rounds(types.SimpleNamespace(**TINY), rounds=1, clean=False, controls=("sweep",))  # no key at all
+
+
+def test_cached_rounds_are_plain_data_and_rebuild_the_same_chain(tmp_path):
+    cfg = types.SimpleNamespace(**TINY)
+    image = torch.rand(1, 3, 32, 32)
+    trained = train_chain(image, [[SQUARE / 2]], types.SimpleNamespace(**{**TINY, "steps": [2]}), seed=3)
+    labels = [[SQUARE.clone()]]
+    round_ = TrainedRound(trained.chain, trained.losses, trained.seconds, labels, [])
+    torch.save(round_.to_payload(), tmp_path / "round.pt")
+    payload = torch.load(tmp_path / "round.pt", weights_only=True)  # no pickled module or class
+    state = torch.random.get_rng_state()
+    again = TrainedRound.from_payload(payload, cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)  # rebuilding draws nothing
+    assert type(again.chain) is type(trained.chain) and not again.chain.stages[0].training
+    original = trained.chain.state_dict()
+    assert original.keys() == again.chain.state_dict().keys()
+    assert all(torch.equal(v, again.chain.state_dict()[k]) for k, v in original.items())
+    assert again.losses == trained.losses and again.seconds == trained.seconds
+    assert torch.equal(again.labels[0][0], SQUARE)
+    with torch.no_grad():
+        aligned, expected = again.chain.align(image[0], [SQUARE / 2]), trained.chain.align(image[0], [SQUARE / 2])
+    torch.testing.assert_close(aligned, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing"):
+        TrainedRound.from_payload({"chain": payload["chain"]}, cfg)
+    with pytest.raises(ValueError, match="architecture"):
+        TrainedRound.from_payload(payload, types.SimpleNamespace(**{**TINY, "channels": [4, 4]}))
+    assert isinstance(new_chain(cfg), type(trained.chain))

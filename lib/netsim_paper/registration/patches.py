@@ -22,7 +22,7 @@ Choices (the authors' where their code says, ours where it does not):
   building; 10 per tile there), which also makes the true correction below defined in practice.
   ``require="partial"`` accepts any cell where some pixel centre lies inside a true polygon.
 * Network inputs (`patch_inputs`): the image crop and the crop of the raster of the ROUND's
-  labels (round r is trained on ``noisy`` for r = 0 and ``rounds[r-1]["labels"]`` after), each
+  labels (round r is trained on ``noisy`` for r = 0 and ``rounds[r-1].labels`` after), each
   tile average-pooled / rasterised once at the stage's scale and then cropped (identical to
   rasterising the patch: the raster is pixel-local). Positions and patch sides stay in
   full-resolution pixels.
@@ -296,7 +296,7 @@ class PatchModel(nn.Module):
 
     Args:
         net: ``(image (B, 3, p, p), raster (B, 3, p, p)) -> (B, 2, p, p)``, e.g.
-            ``result["rounds"][r]["chain"].stages[s]`` in eval mode, fed patches made by
+            ``result.rounds[r].chain.stages[s]`` in eval mode, fed patches made by
             `patch_inputs` at that stage's scale ``scales[s]`` (notebooks 04-05: s = 0, the
             coarse stage).
         output: "mean" (default), "sum" (the authors'), "centre" or "vertices".

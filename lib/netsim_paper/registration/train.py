@@ -25,15 +25,17 @@ Pipeline (each step a function below):
    coarser stage's trained weights.
 5. `run_rounds`: rounds of train -> align the ORIGINAL noisy labels -> retrain, plus a
    clean-label chain, controls and a noise sweep, evaluated on the training and the
-   held-out tiles; trained chains (with their realigned labels) cached by config hash,
-   independent runs optionally trained in worker processes.
+   held-out tiles; trained chains (with their realigned labels) cached by config hash as plain
+   data (`TrainedRound.to_payload`), independent runs optionally trained in worker processes.
+   The results are small frozen dataclasses: `RoundsResult` holds `LabelErrors`,
+   `RoundResult` per round, `HeldOutTiles` and `Control` runs.
 
 Example (the smoke profile)::
 
-    >>> from netsim import config
+    >>> from netsim_paper import config
     >>> from netsim_paper.registration.train import run_rounds
     >>> result = run_rounds(config.load("registration", "smoke"), profile="smoke")  # doctest: +SKIP
-    >>> result["noise"]["median"], [r["median"] for r in result["rounds"]]  # doctest: +SKIP
+    >>> result.noise.median, [r.training.median for r in result.rounds]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -52,19 +54,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from netsim_paper import cache, config, runtime
-from netsim_paper.registration.deform import (control_grid_field, flip, move_polygons, pixel_centres, random_field,
-                                             rotate90, scale_field)
+from netsim_paper.registration.deform import (
+    control_grid_field,
+    flip,
+    move_polygons,
+    pixel_centres,
+    random_field,
+    rotate90,
+    scale_field,
+)
 from netsim_paper.registration.geometry import loss_weights, rasterize
 from netsim_paper.registration.metrics import accuracy_curve, curve_auc, median_error, vertex_errors
 from netsim_paper.registration.model import RegistrationChain, downsample_image, registration_loss
 from netsim_paper.registration.scenes import make_scene
 
 __all__ = [
+    "Control",
+    "HeldOutTiles",
+    "LabelErrors",
+    "RoundResult",
+    "RoundsResult",
+    "TrainedChain",
+    "TrainedRound",
     "evaluate",
     "inflate_cadasters",
     "label_noise_fields",
     "make_tiles",
     "move_cadasters",
+    "new_chain",
     "perturbation_field",
     "run_rounds",
     "sample_batch",
@@ -73,6 +90,23 @@ __all__ = [
 ]
 
 Cadaster = list[Tensor]
+
+# The seed offsets below shape every cached result (the cache key covers the config and
+# `RegistrationConfig.RECIPE`, not this code): bump RECIPE in registration/config.py whenever
+# one of them changes.
+#: Held-out scenes are drawn from tile seeds this far above the training tiles' seeds.
+HELDOUT_TILE_SEED_OFFSET = 100_000
+#: The held-out tiles' label noise is drawn from the training noise seed + this.
+HELDOUT_NOISE_SEED_OFFSET = 50_000
+#: Round r of a run trains from the run's seed + this * (r + 1).
+ROUND_SEED_STRIDE = 1000
+#: Training seed of the clean-label chain: the config's seed + this.
+CLEAN_SEED_OFFSET = -1
+#: Noise seeds of the controls (the config's seed + these) and their training seed offset.
+EXTRA_NOISE_SEED_OFFSET = 1
+BIASED_SEED_OFFSET = 2
+SWEEP_SEED_OFFSET = 3
+CONTROL_TRAIN_SEED_OFFSET = 7
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -153,7 +187,7 @@ def move_cadasters(cadasters: Sequence[Cadaster], fields: Tensor, iterations: in
     if len(cadasters) != len(fields):
         raise ValueError(f"{len(cadasters)} cadasters for {len(fields)} fields")
     return [list(move_polygons(list(c), f.double(), iterations=iterations)) if len(c) else []
-            for c, f in zip(cadasters, fields)]
+            for c, f in zip(cadasters, fields, strict=True)]
 
 
 def inflate_cadasters(cadasters: Sequence[Cadaster], median_px: float) -> list[Cadaster]:
@@ -376,7 +410,28 @@ def _stage_inputs(images: Tensor, labels: Sequence[Cadaster], scale: int) -> tup
     return downsample_image(images, scale), rasters
 
 
-def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class TrainedChain:
+    """What a training function returns (`train_chain`, or a stub in tests).
+
+    Attributes:
+        chain: the trained `RegistrationChain` (anything with ``align(image, polygons)`` for a stub).
+        losses: per stage, the loss of every step.
+        seconds: wall time of the training.
+    """
+
+    chain: Any
+    losses: list[list[float]]
+    seconds: float
+
+
+def new_chain(cfg: Any) -> RegistrationChain:
+    """An untrained chain of the config's architecture (``scales``, ``caps``, ``channels``, ``norm``)."""
+    return RegistrationChain([int(s) for s in _get(cfg, "scales")], caps=_get(cfg, "caps"),
+                             channels=_get(cfg, "channels", (16, 32, 64)), norm=_get(cfg, "norm", "none"))
+
+
+def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: int) -> TrainedChain:
     """Builds and trains a chain on (images, labels), stage by stage (coarse first) at each scale.
 
     Stage s is trained on perturbations of amplitude ``cfg.perturbation_px[s]`` full-resolution
@@ -395,7 +450,7 @@ def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: i
         seed: seeds the initial weights and the batches.
 
     Returns:
-        ``{"chain": RegistrationChain, "losses": [per-stage step losses], "seconds": float}``.
+        The chain (every stage in eval mode), the per-stage step losses and the wall time.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images for {len(labels)} label cadasters")
@@ -405,9 +460,7 @@ def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: i
             raise ValueError(f"cfg.{name} needs one value per scale {scales}, got {_get(cfg, name)}")
     start = time.perf_counter()
     # Initial weights from the seed alone, leaving the global RNG as it was (cached or not).
-    chain = runtime.build_seeded(lambda: RegistrationChain(scales, caps=_get(cfg, "caps"),
-                                                           channels=_get(cfg, "channels", (16, 32, 64)),
-                                                           norm=_get(cfg, "norm", "none")), seed)
+    chain = runtime.build_seeded(lambda: new_chain(cfg), seed)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for index, scale in enumerate(scales):
@@ -422,7 +475,7 @@ def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: i
             generator=generator, lr=float(_get(cfg, "lr", 1e-3)), crop=_get(cfg, "crop", 64),
             warmup=int(_get(cfg, "warmup", 0)), kind=_get(cfg, "perturbation_kind", "smooth"),
             cov_scale=float(_get(cfg, "noise_cov_scale", 0.015))))
-    return {"chain": chain, "losses": losses, "seconds": time.perf_counter() - start}
+    return TrainedChain(chain.eval(), losses, time.perf_counter() - start)
 
 
 # =========================================================================================
@@ -430,26 +483,163 @@ def train_chain(images: Tensor, labels: Sequence[Cadaster], cfg: Any, *, seed: i
 # =========================================================================================
 
 
-def evaluate(predicted: Sequence[Cadaster], truth: Sequence[Cadaster], *, tau_max: float = 20.0) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class LabelErrors:
+    """Per-vertex errors of a set of labels against the truth (`evaluate`).
+
+    Attributes:
+        errors: ``(V,)`` float64 distances in pixels, every vertex of every tile.
+        median: their median, pixels.
+        taus: ``(T,)`` thresholds of the accuracy curve, pixels.
+        fraction: ``(T,)`` fraction of vertices with error <= tau.
+        auc: area under the accuracy curve, normalised to [0, 1].
+    """
+
+    errors: Tensor
+    median: float
+    taus: Tensor
+    fraction: Tensor
+    auc: float
+
+
+def evaluate(predicted: Sequence[Cadaster], truth: Sequence[Cadaster], *, tau_max: float = 20.0) -> LabelErrors:
     """Per-vertex errors against the truth, their median, accuracy curve and its AUC.
 
     Args:
         predicted: N cadasters.
         truth: N true cadasters (same structure).
         tau_max: last threshold of the accuracy curve, pixels.
-
-    Returns:
-        ``{"errors": (V,), "median": float, "taus": (T,), "fraction": (T,), "auc": float}``.
     """
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} predicted cadasters for {len(truth)} true ones")
-    errors = torch.cat([vertex_errors(p, t) for p, t in zip(predicted, truth) if len(t)])
+    errors = torch.cat([vertex_errors(p, t) for p, t in zip(predicted, truth, strict=True) if len(t)])
     taus, fraction = accuracy_curve(errors, tau_max=tau_max)
-    return {"errors": errors, "median": median_error(errors), "taus": taus, "fraction": fraction,
-            "auc": curve_auc(taus, fraction)}
+    return LabelErrors(errors, median_error(errors), taus, fraction, curve_auc(taus, fraction))
 
 
-TrainFn = Callable[..., dict[str, Any]]
+@dataclasses.dataclass(frozen=True)
+class TrainedRound:
+    """One round of a run, as cached: its trained chain and the labels it realigned.
+
+    Attributes:
+        chain: the round's chain.
+        losses: per stage, the loss of every training step.
+        seconds: training wall time.
+        labels: the run's ORIGINAL noisy training labels realigned by the chain (N cadasters).
+        heldout_labels: the held-out tiles' noisy labels realigned by the chain.
+    """
+
+    chain: Any
+    losses: list[list[float]]
+    seconds: float
+    labels: list[Cadaster]
+    heldout_labels: list[Cadaster]
+
+    def to_payload(self) -> dict[str, Any]:
+        """Plain data for the cache (tensors, lists, numbers): the chain as its state dict."""
+        return {"chain": dict(self.chain.state_dict()), "losses": [list(map(float, stage)) for stage in self.losses],
+                "seconds": float(self.seconds), "labels": self.labels, "heldout_labels": self.heldout_labels}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], cfg: Any) -> TrainedRound:
+        """The round back from `to_payload`'s data: the chain rebuilt by `new_chain(cfg)`.
+
+        Rebuilding draws no random number from the global RNG (`runtime.build_seeded`), and
+        every stage is left in eval mode, as `train_chain` leaves it.
+
+        Raises:
+            ValueError: the payload lacks a key, or its state dict does not fit the config's chain.
+        """
+        missing = {"chain", "losses", "seconds", "labels", "heldout_labels"} - set(payload)
+        if missing:
+            raise ValueError(f"not a cached registration round: missing {sorted(missing)}")
+        chain = runtime.build_seeded(lambda: new_chain(cfg), 0)
+        try:
+            chain.load_state_dict(payload["chain"])
+        except RuntimeError as error:
+            raise ValueError(f"the cached chain does not fit the config's architecture: {error}") from error
+        return cls(chain.eval(), payload["losses"], payload["seconds"], payload["labels"], payload["heldout_labels"])
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult(TrainedRound):
+    """A `TrainedRound` with the errors of its realigned labels.
+
+    Attributes:
+        training: errors of ``labels`` on the training tiles (the set being denoised).
+        heldout: errors of ``heldout_labels`` on the held-out tiles (None without them).
+    """
+
+    training: LabelErrors
+    heldout: LabelErrors | None
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutTiles:
+    """The held-out tiles: never trained on, their own noisy labels realigned by every chain.
+
+    Attributes:
+        images: ``(M, 3, H, W)``.
+        truth: M true cadasters.
+        noisy: M noisy cadasters.
+        noise: errors of ``noisy`` (None when M = 0).
+    """
+
+    images: Tensor
+    truth: list[Cadaster]
+    noisy: list[Cadaster]
+    noise: LabelErrors | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A control run: its own label errors, trained and realigned like the main run.
+
+    Attributes:
+        noise_factor: its smooth noise over the main noise (None for the biased controls).
+        noisy: its noisy training labels.
+        noise: errors of ``noisy`` on the training tiles.
+        heldout_noise: errors of its held-out labels (None without held-out tiles).
+        rounds: one `RoundResult` per round.
+    """
+
+    noise_factor: float | None
+    noisy: list[Cadaster]
+    noise: LabelErrors
+    heldout_noise: LabelErrors | None
+    rounds: list[RoundResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsResult:
+    """Everything `run_rounds` measured.
+
+    Attributes:
+        images: ``(N, 3, H, W)`` training tiles.
+        truth: N true cadasters.
+        noisy: N noisy cadasters (labels_0).
+        noise_fields: ``(N, 2, H, W)`` the label-noise fields.
+        noise: errors of ``noisy``.
+        heldout: the held-out tiles.
+        rounds: the main run, one `RoundResult` per round.
+        clean: the chain trained on the true labels (None if not run).
+        controls: name -> `Control`.
+    """
+
+    images: Tensor
+    truth: list[Cadaster]
+    noisy: list[Cadaster]
+    noise_fields: Tensor
+    noise: LabelErrors
+    heldout: HeldOutTiles
+    rounds: list[RoundResult]
+    clean: RoundResult | None
+    controls: dict[str, Control]
+
+
+TrainFn = Callable[..., TrainedChain]
+#: ``artefact(name, compute, cfg)``: a `TrainedRound`, from the cache or from ``compute()``.
+Artefacts = Callable[[str, Callable[[], TrainedRound], Any], TrainedRound]
 
 
 @dataclasses.dataclass
@@ -469,29 +659,36 @@ class _Run:
 
 
 def _train_rounds(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, train_fn: TrainFn,
-                  artefact: Callable[[str, Callable[[], dict]], dict]) -> list[dict[str, Any]]:
-    """The rounds of one `_Run`, each cached as ``{chain, losses, seconds, labels, heldout_labels}``."""
+                  artefact: Artefacts) -> list[TrainedRound]:
+    """The rounds of one `_Run`, each a `TrainedRound` artefact ``<tag>round<r>``."""
 
-    def train_and_align(labels: list[Cadaster], r: int) -> dict[str, Any]:
-        trained = train_fn(images, labels, cfg, seed=run.seed + 1000 * (r + 1))
-        chain = trained["chain"]
+    def train_and_align(labels: list[Cadaster], r: int) -> TrainedRound:
+        trained = train_fn(images, labels, cfg, seed=run.seed + ROUND_SEED_STRIDE * (r + 1))
+        chain = trained.chain
         # Always the ORIGINAL noisy labels: the chain of round r is a denoiser of them,
         # not a further step on top of the previous round's output.
-        return {**trained, "labels": [chain.align(i, c) for i, c in zip(images, run.noisy)],
-                "heldout_labels": [chain.align(i, c) for i, c in zip(heldout_images, run.heldout_noisy)]}
+        return TrainedRound(chain, trained.losses, trained.seconds,
+                            [chain.align(i, c) for i, c in zip(images, run.noisy, strict=True)],
+                            [chain.align(i, c) for i, c in zip(heldout_images, run.heldout_noisy, strict=True)])
 
     trained, labels = [], run.train_labels
     for r in range(run.rounds):
-        trained.append(artefact(f"{run.tag}round{r}", lambda labels=labels, r=r: train_and_align(labels, r)))
-        labels = trained[-1]["labels"]
+        trained.append(artefact(f"{run.tag}round{r}", lambda labels=labels, r=r: train_and_align(labels, r), cfg))
+        labels = trained[-1].labels
     return trained
 
 
-def _artefacts(directory: Path | None, refresh: bool) -> Callable[[str, Callable[[], dict]], dict]:
-    """``artefact(name, compute)``: cached as ``directory / "<name>.pt"``, or computed when None."""
+def _artefacts(directory: Path | None, refresh: bool) -> Artefacts:
+    """``artefact(name, compute, cfg)``: cached as plain data in ``directory / "<name>.pt"``, or
+    computed when ``directory`` is None."""
     if directory is None:
-        return lambda name, compute: compute()
-    return lambda name, compute: cache.cached(directory / f"{name}.pt", compute, refresh=refresh)
+        return lambda name, compute, cfg: compute()
+
+    def artefact(name: str, compute: Callable[[], TrainedRound], cfg: Any) -> TrainedRound:
+        payload = cache.cached(directory / f"{name}.pt", lambda: compute().to_payload(), refresh=refresh)
+        return TrainedRound.from_payload(payload, cfg)
+
+    return artefact
 
 
 def _run_in_worker(run: _Run, images: Tensor, heldout_images: Tensor, cfg: Any, train_fn: TrainFn,
@@ -526,7 +723,7 @@ def _train_all(runs: list[_Run], images: Tensor, heldout_images: Tensor, cfg: An
 
 def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = None, clean: bool = True,
                controls: Sequence[str] = ("extra_noise", "biased"), train_fn: TrainFn = train_chain,
-               refresh: bool = False, verbose: bool = False, workers: int = 1) -> dict[str, Any]:
+               refresh: bool = False, verbose: bool = False, workers: int = 1) -> RoundsResult:
     """The registration experiment: noisy labels, rounds of self-denoising, clean model, controls.
 
     Round r trains a chain on (images, labels_r) with fresh perturbations (labels_0 = the
@@ -552,8 +749,9 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
             vertex error = the measured median noise: `inflate_cadasters`), each run for
             ``cfg.control_rounds`` rounds; "sweep": one round on
             noise ``f`` times the main noise for each f in ``cfg.sweep_noise_factors`` (the
-            gain against the perturbation-to-noise ratio).
-        train_fn: ``(images, labels, cfg, seed=) -> {"chain": ..., ...}``; a stub in tests.
+            gain against the perturbation-to-noise ratio; at least one factor needed).
+        train_fn: ``(images, labels, cfg, seed=) -> TrainedChain``; a stub in tests (cached
+            rounds must hold a `new_chain(cfg)`: the cache keeps its state dict).
         refresh: retrain even when cached.
         verbose: print one line per trained chain.
         workers: train independent runs (main rounds, clean, each control) in this many
@@ -562,16 +760,18 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
             chains over through the cache) and a picklable ``train_fn``.
 
     Returns:
-        A dict with ``images``, ``truth``, ``noisy`` (labels_0), ``noise_fields``, ``noise``
-        (`evaluate` of the noisy labels), ``heldout`` (``images``, ``truth``, ``noisy``,
-        ``noise``), ``rounds`` (per round: ``chain``, ``labels``, ``errors``, ``median``,
-        ``taus``, ``fraction``, ``auc``, ``losses``, ``seconds``, ``heldout_labels``,
-        ``heldout`` (`evaluate` on the held-out tiles)), ``clean`` (same keys, or None) and
-        ``controls`` (name -> ``{"noise", "heldout_noise", "noisy", "rounds", "noise_factor"}``).
+        A `RoundsResult`.
+
+    Raises:
+        ValueError: an unknown control, "sweep" without ``cfg.sweep_noise_factors``, or
+            ``workers > 1`` without a profile.
     """
     unknown = set(controls) - {"extra_noise", "biased", "inflated", "sweep"}
     if unknown:
         raise ValueError(f"unknown controls {sorted(unknown)}; valid: 'extra_noise', 'biased', 'inflated', 'sweep'")
+    if "sweep" in controls and not _get(cfg, "sweep_noise_factors", ()):
+        raise ValueError("controls=('sweep',) needs cfg.sweep_noise_factors (the noise factors to sweep); "
+                         "it has none, so the sweep would run nothing")
     if workers > 1 and profile is None:
         raise ValueError("workers > 1 hands chains over through the cache: give a profile")
     # One thread unless $NETSIM_THREADS says otherwise: on the 2-core machines two threads
@@ -586,65 +786,70 @@ def run_rounds(cfg: Any, *, profile: str | None = None, rounds: int | None = Non
     n_train, n_heldout = int(_get(cfg, "train_tiles")), int(_get(cfg, "heldout_tiles", 0))
     images, truth = make_tiles(range(tile_seed, tile_seed + n_train), size)
     # Held-out scenes far from the training seeds, with their own noise draw.
-    heldout_images, heldout_truth = make_tiles(range(tile_seed + 100_000, tile_seed + 100_000 + n_heldout), size)
+    heldout_seed = tile_seed + HELDOUT_TILE_SEED_OFFSET
+    heldout_images, heldout_truth = make_tiles(range(heldout_seed, heldout_seed + n_heldout), size)
     noise_px, cov_scale = float(_get(cfg, "noise_px")), float(_get(cfg, "noise_cov_scale", 0.015))
 
     def noisy_labels(amplitude: float, noise_seed: int, kind: str = "smooth") -> tuple[Tensor, list, list]:
         fields = label_noise_fields(n_train, size, amplitude, seed=noise_seed, kind=kind, cov_scale=cov_scale)
-        heldout_fields = label_noise_fields(n_heldout, size, amplitude, seed=noise_seed + 50_000, kind=kind,
-                                            cov_scale=cov_scale) if n_heldout else fields[:0]
+        heldout_fields = label_noise_fields(n_heldout, size, amplitude, seed=noise_seed + HELDOUT_NOISE_SEED_OFFSET,
+                                            kind=kind, cov_scale=cov_scale) if n_heldout else fields[:0]
         if kind == "shift" and n_heldout:
             heldout_fields = fields[:1].expand(n_heldout, -1, -1, -1)  # the same bias everywhere
         return fields, move_cadasters(truth, fields), move_cadasters(heldout_truth, heldout_fields)
 
     fields, noisy, heldout_noisy = noisy_labels(noise_px, seed)
     noise = evaluate(noisy, truth)
-    log(f"label noise: median {noise['median']:.2f} px")
+    log(f"label noise: median {noise.median:.2f} px")
     runs = [_Run("", noisy, noisy, heldout_noisy, n_rounds, seed)]
     if clean:
-        runs.append(_Run("clean_", truth, noisy, heldout_noisy, 1, seed - 1))
+        runs.append(_Run("clean_", truth, noisy, heldout_noisy, 1, seed + CLEAN_SEED_OFFSET))
     # name -> (noise factor or None, training labels, held-out labels, rounds)
     control_sets: dict[str, tuple[float | None, list, list, int]] = {}
     n_control = int(_get(cfg, "control_rounds", 1))
     for name in controls:
         if name == "extra_noise":
             factor = float(_get(cfg, "extra_noise_factor", 1.5))
-            control_sets[name] = (factor, *noisy_labels(noise_px * factor, seed + 1)[1:], n_control)
+            control_sets[name] = (factor, *noisy_labels(noise_px * factor, seed + EXTRA_NOISE_SEED_OFFSET)[1:],
+                                  n_control)
         elif name == "biased":
-            control_sets[name] = (None, *noisy_labels(noise["median"], seed + 2, kind="shift")[1:], n_control)
+            control_sets[name] = (None, *noisy_labels(noise.median, seed + BIASED_SEED_OFFSET, kind="shift")[1:],
+                                  n_control)
         elif name == "inflated":
-            control_sets[name] = (None, inflate_cadasters(truth, noise["median"]),
-                                  inflate_cadasters(heldout_truth, noise["median"]) if n_heldout else [], n_control)
+            control_sets[name] = (None, inflate_cadasters(truth, noise.median),
+                                  inflate_cadasters(heldout_truth, noise.median) if n_heldout else [], n_control)
         else:
-            for factor in _get(cfg, "sweep_noise_factors", []):
-                control_sets[f"noise{float(factor):g}"] = (float(factor),
-                                                           *noisy_labels(noise_px * float(factor), seed + 3)[1:], 1)
-    for name, (factor, control_noisy, control_heldout, control_rounds) in control_sets.items():
-        runs.append(_Run(f"{name}_", control_noisy, control_noisy, control_heldout, control_rounds, seed + 7))
+            for factor in _get(cfg, "sweep_noise_factors"):
+                control_sets[f"noise{float(factor):g}"] = (
+                    float(factor), *noisy_labels(noise_px * float(factor), seed + SWEEP_SEED_OFFSET)[1:], 1)
+    for name, (_, control_noisy, control_heldout, control_rounds) in control_sets.items():
+        runs.append(_Run(f"{name}_", control_noisy, control_noisy, control_heldout, control_rounds,
+                         seed + CONTROL_TRAIN_SEED_OFFSET))
 
     if directory is not None and _train_all(runs, images, heldout_images, cfg, train_fn, directory, refresh,
                                             workers, log):
         refresh = False  # the workers just wrote fresh artefacts
     artefact = _artefacts(directory, refresh)
 
-    heldout = {"images": heldout_images, "truth": heldout_truth, "noisy": heldout_noisy,
-               "noise": evaluate(heldout_noisy, heldout_truth) if n_heldout else None}
+    heldout = HeldOutTiles(heldout_images, heldout_truth, heldout_noisy,
+                           evaluate(heldout_noisy, heldout_truth) if n_heldout else None)
 
-    def results(run: _Run) -> list[dict[str, Any]]:
+    def results(run: _Run) -> list[RoundResult]:
         out = []
         for r, trained in enumerate(_train_rounds(run, images, heldout_images, cfg, train_fn, artefact)):
-            out.append({**trained, **evaluate(trained["labels"], truth),
-                        "heldout": evaluate(trained["heldout_labels"], heldout_truth) if n_heldout else None})
-            log(f"{run.tag or 'main '}round {r}: median {out[-1]['median']:.2f} px "
-                f"(trained in {trained.get('seconds') or 0.0:.1f} s)")
+            out.append(RoundResult(**{f.name: getattr(trained, f.name) for f in dataclasses.fields(trained)},
+                                   training=evaluate(trained.labels, truth),
+                                   heldout=evaluate(trained.heldout_labels, heldout_truth) if n_heldout else None))
+            log(f"{run.tag or 'main '}round {r}: median {out[-1].training.median:.2f} px "
+                f"(trained in {trained.seconds:.1f} s)")
         return out
 
-    result: dict[str, Any] = {"images": images, "truth": truth, "noisy": noisy, "noise_fields": fields,
-                              "noise": noise, "heldout": heldout, "rounds": results(runs[0]),
-                              "clean": results(runs[1])[0] if clean else None, "controls": {}}
-    for run, (name, (factor, control_noisy, control_heldout, _)) in zip(runs[1 + clean:], control_sets.items()):
-        result["controls"][name] = {
-            "noise_factor": factor, "noisy": control_noisy, "noise": evaluate(control_noisy, truth),
-            "heldout_noise": evaluate(control_heldout, heldout_truth) if n_heldout else None,
-            "rounds": results(run)}
-    return result
+    main_rounds = results(runs[0])
+    clean_round = results(runs[1])[0] if clean else None
+    control_results = {}
+    for run, (name, (factor, control_noisy, control_heldout, _)) in zip(runs[1 + clean:], control_sets.items(),
+                                                                         strict=True):
+        control_results[name] = Control(factor, control_noisy, evaluate(control_noisy, truth),
+                                        evaluate(control_heldout, heldout_truth) if n_heldout else None,
+                                        results(run))
+    return RoundsResult(images, truth, noisy, fields, noise, heldout, main_rounds, clean_round, control_results)

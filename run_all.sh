@@ -6,14 +6,15 @@
 #   ./run_all.sh --profile smoke          # minutes; -> figures/smoke/ (git-ignored)
 #   ./run_all.sh 02_sinusoid_density notebooks/03_mnist_speedup.ipynb
 #
-# Stops at the first failing notebook, names it and its failing cell, and leaves that
-# notebook's previous figures untouched (see lib/netsim/runner.py). Executed notebooks go
-# to build/notebooks/<profile>/.
+# Stops at the first failing notebook and says why (its failing cell, a malformed notebook,
+# a dead kernel); that notebook's previous figures stay untouched (lib/netsim_paper/runner.py).
+# Executed notebooks go to build/notebooks/<profile>/; in the paper profile each one that
+# passed is also published, slimmed (at most 5 MB), to figures/notebooks/<name>.ipynb.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 case "${1:-}" in
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 scripts/setup_env.sh

@@ -1,6 +1,7 @@
-"""netsim_paper.runner (the engine of run_all.sh): publish-on-success, stop-and-name-on-failure.
+"""netsim_paper.runner (the engine of run_all.sh): publish-on-success, stop-and-name-on-failure,
+messages that name the real cause, executed notebooks published in the paper profile.
 
-Runs two tiny notebooks through papermill with the `python3` kernel of .venv (a few seconds).
+Runs tiny notebooks through papermill with the `python3` kernel of .venv (a few seconds each).
 """
 
 from __future__ import annotations
@@ -104,3 +105,91 @@ def test_first_error_maps_past_injected_parameters(tmp_path):
     assert (failure.index, failure.exec_count, failure.ename) == (2, 2, "KeyError")
     assert "cell 2 (0-based), In [2] of the executed copy: KeyError: 'k'" in failure.describe()
     assert runner.first_error(tmp_path / "missing.ipynb") is None
+
+
+def test_a_malformed_source_notebook_is_named_as_such(project, capsys):
+    nbs = project / "notebooks"
+    (nbs / "04_broken.ipynb").write_text('{"cells": [ not json')
+    status = runner.main(_args(project, "04_broken"))
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"the source notebook {nbs / '04_broken.ipynb'} is malformed" in err
+    assert "NotJSONError" in err or "JSONDecodeError" in err
+    assert "no executed copy was written" in err and "executed copy with its outputs" not in err
+    assert not (project / "build" / "notebooks" / "smoke" / "04_broken.ipynb").exists()
+
+
+def test_a_schema_invalid_notebook_is_malformed_too(tmp_path):
+    path = tmp_path / "05_schema.ipynb"
+    path.write_text('{"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [{"cell_type": "code"}]}')
+    failure = runner.check_source(path)
+    assert failure is not None and f"the source notebook {path} is malformed" in failure.describe()
+    assert runner.check_source(_notebook(tmp_path / "06_fine.ipynb", "x = 1")) is None
+
+
+def test_a_dead_kernel_is_named_with_its_exit_code_and_last_started_cell(project, capsys):
+    nbs = project / "notebooks"
+    _notebook(nbs / "04_dies.ipynb", "x = 1", "import os\nos._exit(3)", "never = True")
+    status = runner.main(_args(project, "04_dies"))
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "the kernel died (exit code 3) while running cell 2 (0-based, the last cell that started)" in err
+    assert "cell starts with: import os" in err and "unknown cell" not in err
+
+
+def test_paper_profile_publishes_slim_executed_notebooks_on_success_only(project, capsys):
+    nbs = project / "notebooks"
+    spam = ('import sys\nfor i in range(100):\n    print("line", i, file=sys.stderr)\n'
+            'for i in range(300):\n    sys.stderr.write(f"\\rstep {i}")\nsys.stderr.write("\\n")\nprint("result 42")')
+    _notebook(nbs / "01_pass.ipynb", WRITE.format(name="01_pass.png"), spam)
+    published = project / "figures" / "notebooks"
+    published.mkdir()
+    (published / "02_fail.ipynb").write_text("old")
+    args = _args(project, "01_pass", "02_fail")
+    args[1] = "paper"
+
+    assert runner.main(args) == 1
+    out = capsys.readouterr().out
+    assert f"executed notebook -> {published / '01_pass.ipynb'}" in out
+    nb = nbformat.read(published / "01_pass.ipynb", as_version=4)
+    nbformat.validate(nb)
+    streams = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream"]
+    stderr = "".join(o.text for o in streams if o.name == "stderr")
+    assert "step 299" in stderr and "step 298" not in stderr and "\r" not in stderr  # redraws: final state only
+    assert "line 99" in stderr and "line 0\n" not in stderr and "earlier stderr lines dropped" in stderr
+    assert "result 42" in "".join(o.text for o in streams if o.name == "stdout")
+    assert "input_path" not in nb.metadata.papermill
+    assert (published / "02_fail.ipynb").read_text() == "old"  # a failed notebook keeps its old copy
+    executed = project / "build" / "notebooks" / "paper" / "01_pass.ipynb"
+    full = nbformat.read(executed, as_version=4)  # build/ keeps every line
+    assert "line 0\n" in "".join(o.get("text", "") for c in full.cells for o in c.get("outputs", []))
+
+    before = (published / "01_pass.ipynb").read_bytes()
+    status = runner.run([nbs / "03_never.ipynb"], profile="paper", figures_dir=project / "figures",
+                        build_dir=project / "build", max_published_bytes=100)
+    err = capsys.readouterr().err
+    assert status == 1 and "over the 0.0 MB limit" in err
+    assert not (published / "03_never.ipynb").exists() and not (project / "figures" / "03_never.png").exists()
+    assert (published / "01_pass.ipynb").read_bytes() == before
+
+
+def test_smoke_profile_publishes_no_notebook(project):
+    assert runner.main(_args(project, "01_pass")) == 0
+    assert not (project / "figures" / "notebooks").exists()
+
+
+def test_slim_notebook_drops_widgets_and_keeps_the_rest():
+    widget = nbformat.v4.new_output("display_data", data={
+        runner.WIDGET_MIME: {"model_id": "abc"}, "text/plain": "  0%|          | 0/10"})
+    image = nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})
+    nb = new_notebook(cells=[new_code_cell("x", outputs=[widget, image])],
+                      metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {"state": {}}}})
+    slim = runner.slim_notebook(nb)
+    assert "widgets" not in slim["metadata"] and slim["cells"][0]["outputs"] == [image]
+    assert nb.cells[0].outputs == [widget, image]  # the input is left alone
+
+
+def test_a_kernel_killed_by_a_signal_before_any_cell(tmp_path):
+    message = runner._kernel_died(tmp_path / "never_written.ipynb", [None, -9]).describe()
+    assert message == "the kernel died (killed by signal 9) before any cell started"
+    assert "exit code unknown" in runner._kernel_died(tmp_path / "never_written.ipynb", []).describe()

@@ -1,7 +1,7 @@
 """One figure style and one `savefig` for every notebook.
 
     >>> import matplotlib.pyplot as plt
-    >>> from netsim import plotting
+    >>> from netsim_paper import plotting
     >>> plotting.use_style()
     >>> fig, ax = plt.subplots()
     >>> paths = plotting.savefig(fig, "02_sinusoid_density")   # -> [.png, .pdf]

@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from netsim_paper.sinusoid.data import (
+    SinusoidRun,
     make_sinusoid,
     run_seeds,
+    runs_from_plain,
+    runs_to_plain,
     sinusoid_mlp,
     target_curvature,
     train_sinusoid_ensemble,
@@ -124,3 +127,31 @@ def test_ensemble_run_equals_training_that_network_alone():
                                    progress=False)
     for pa, pb in zip(run.model.parameters(), expected.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_runs_round_trip_through_a_weights_only_file_bit_for_bit(tmp_path):
+    runs = train_sinusoid_ensemble([1, 2], [0], n=32, epochs=2, batch_size=8, hidden=8, depth=2, progress=False)
+    torch.save(runs_to_plain(runs), tmp_path / "runs.pt")
+    state = torch.get_rng_state()
+    loaded = runs_from_plain(torch.load(tmp_path / "runs.pt", weights_only=True))
+    assert torch.equal(torch.get_rng_state(), state), "rebuilding the networks must not draw from the global RNG"
+    for run, back in zip(runs, loaded):
+        assert (back.frequency, back.seed, back.final_train_l1) == (run.frequency, run.seed, run.final_train_l1)
+        assert back.data.frequency == run.data.frequency and back.data.seed == run.data.seed
+        for name in ("alpha", "inputs", "targets"):
+            assert torch.equal(getattr(back.data, name), getattr(run.data, name))
+        assert torch.equal(back.epoch_loss, run.epoch_loss)
+        assert str(back.model) == str(run.model)
+        for (name, a), (name_back, b) in zip(run.model.state_dict().items(), back.model.state_dict().items()):
+            assert name == name_back and torch.equal(a, b)
+        with torch.no_grad():
+            assert torch.equal(back.model(run.data.inputs), run.model(run.data.inputs))
+
+
+def test_a_state_dict_of_another_network_is_refused():
+    plain = train_sinusoid_ensemble([1], [0], n=16, epochs=1, batch_size=8, hidden=4, depth=0,
+                                    progress=False)[0].to_plain()
+    with pytest.raises(ValueError, match="not a sinusoid_mlp"):
+        SinusoidRun.from_plain({**plain, "state_dict": {"0.weight": torch.zeros(4, 2), "0.bias": torch.zeros(4)}})
+    with pytest.raises(RuntimeError, match="state_dict"):
+        SinusoidRun.from_plain({**plain, "state_dict": {**plain["state_dict"], "extra.weight": torch.zeros(1)}})

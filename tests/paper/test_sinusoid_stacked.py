@@ -75,7 +75,7 @@ def reference_train(model, x, y, *, seed, epochs, lr, batch_size, loss="l1", fus
 
 def assert_same_params(a: nn.Module, b: nn.Module, atol=1e-6, rtol=1e-5):
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa, pb, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(pa, pb, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("method,make_model", [("mlp", relu_mlp), ("vmap", relu_mlp),

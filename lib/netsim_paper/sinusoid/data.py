@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "SinusoidRun",
     "make_sinusoid",
     "run_seeds",
+    "runs_from_plain",
+    "runs_to_plain",
     "sinusoid_mlp",
     "target_curvature",
     "train_sinusoid_ensemble",
@@ -64,6 +67,17 @@ class SinusoidData:
         """The same data on another device."""
         return SinusoidData(self.alpha.to(device), self.inputs.to(device),
                             self.targets.to(device), self.frequency, self.seed)
+
+    def to_plain(self) -> dict[str, Any]:
+        """The data set as a dict of tensors and numbers (see `SinusoidRun.to_plain`)."""
+        return {"alpha": self.alpha, "inputs": self.inputs, "targets": self.targets,
+                "frequency": self.frequency, "seed": self.seed}
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> SinusoidData:
+        """Inverse of `to_plain`."""
+        return cls(plain["alpha"], plain["inputs"], plain["targets"], float(plain["frequency"]),
+                   int(plain["seed"]))
 
 
 def make_sinusoid(n: int = 2048, *, frequency: float, seed: int = 0) -> SinusoidData:
@@ -192,6 +206,39 @@ class SinusoidRun:
     model: nn.Sequential
     final_train_l1: float
     epoch_loss: Tensor
+
+    def to_plain(self) -> dict[str, Any]:
+        """The run as plain data: tensors, numbers and dicts of them, with the network as its
+        `state_dict`. Safe to cache and to load with `torch.load(weights_only=True)`."""
+        return {"frequency": self.frequency, "seed": self.seed, "data": self.data.to_plain(),
+                "state_dict": dict(self.model.state_dict()), "final_train_l1": self.final_train_l1,
+                "epoch_loss": self.epoch_loss}
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> SinusoidRun:
+        """Inverse of `to_plain`: the network is rebuilt from its state dict, whose shapes give
+        `sinusoid_mlp`'s sizes (the global RNG is left untouched)."""
+        state = plain["state_dict"]
+        layers = sorted(int(k.split(".")[0]) for k in state if k.endswith(".weight") and k.split(".")[0].isdigit())
+        if len(layers) < 2:
+            raise ValueError(f"not a sinusoid_mlp state dict: {len(layers)} numbered weight matrices")
+        hidden, in_features = state[f"{layers[0]}.weight"].shape
+        model = sinusoid_mlp(hidden, len(layers) - 2, seed=0, in_features=in_features,
+                             out_features=state[f"{layers[-1]}.weight"].shape[0])
+        model.load_state_dict(state)        # strict: names and shapes must match the rebuilt network
+        return cls(frequency=float(plain["frequency"]), seed=int(plain["seed"]),
+                   data=SinusoidData.from_plain(plain["data"]), model=model,
+                   final_train_l1=float(plain["final_train_l1"]), epoch_loss=plain["epoch_loss"])
+
+
+def runs_to_plain(runs: Sequence[SinusoidRun]) -> list[dict[str, Any]]:
+    """`SinusoidRun.to_plain` of every run, e.g. to cache `train_sinusoid_ensemble`'s result."""
+    return [run.to_plain() for run in runs]
+
+
+def runs_from_plain(plain: Sequence[dict[str, Any]]) -> list[SinusoidRun]:
+    """Inverse of `runs_to_plain`."""
+    return [SinusoidRun.from_plain(p) for p in plain]
 
 
 def train_sinusoid_ensemble(

@@ -257,11 +257,11 @@ class _StackedReluMlp:
         self.weights, self.biases = param_views[0::2], param_views[1::2]
         self.weight_grads, self.bias_grads = grad_views[0::2], grad_views[1::2]
         with torch.no_grad():
-            for l, name in enumerate(self.linear_names):
+            for k, name in enumerate(self.linear_names):
                 for s, model in enumerate(models):
                     layer = getattr(model, name)
-                    self.weights[l][s].copy_(layer.weight)
-                    self.biases[l][s, 0].copy_(layer.bias)
+                    self.weights[k][s].copy_(layer.weight)
+                    self.biases[k][s, 0].copy_(layer.bias)
         self.optimizer = optimizer_factory([self.flat])
 
     @staticmethod
@@ -290,9 +290,9 @@ class _StackedReluMlp:
         activations = [inputs]
         h = inputs
         last = len(self.weights) - 1
-        for l, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for k, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             h = torch.baddbmm(bias, h, weight.transpose(1, 2))
-            if l < last:
+            if k < last:
                 h = h.relu_()
                 activations.append(h)
         residual = h - targets
@@ -305,12 +305,12 @@ class _StackedReluMlp:
             loss_sums = residual.square().sum(dim=(1, 2))
             grad = residual.mul_(2.0 * scale)
         # Backward, written into the flat gradient buffer in place (no zero_grad needed).
-        for l in range(last, -1, -1):
-            layer_input = activations[l]
-            torch.bmm(grad.transpose(1, 2), layer_input, out=self.weight_grads[l])
-            torch.sum(grad, dim=1, keepdim=True, out=self.bias_grads[l])
-            if l > 0:
-                grad = torch.bmm(grad, self.weights[l])
+        for k in range(last, -1, -1):
+            layer_input = activations[k]
+            torch.bmm(grad.transpose(1, 2), layer_input, out=self.weight_grads[k])
+            torch.sum(grad, dim=1, keepdim=True, out=self.bias_grads[k])
+            if k > 0:
+                grad = torch.bmm(grad, self.weights[k])
                 # The exact kernel autograd uses for ReLU's backward.
                 grad = torch.ops.aten.threshold_backward(grad, layer_input, 0)
         self.optimizer.step()
@@ -319,9 +319,9 @@ class _StackedReluMlp:
     def stacked_parameters(self) -> dict[str, Tensor]:
         """Parameter name -> (S, *param.shape), detached copies."""
         params = {}
-        for l, name in enumerate(self.linear_names):
-            params[f"{name}.weight"] = self.weights[l].detach().clone()
-            params[f"{name}.bias"] = self.biases[l][:, 0].detach().clone()
+        for k, name in enumerate(self.linear_names):
+            params[f"{name}.weight"] = self.weights[k].detach().clone()
+            params[f"{name}.bias"] = self.biases[k][:, 0].detach().clone()
         return params
 
 

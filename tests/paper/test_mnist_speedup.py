@@ -61,9 +61,12 @@ def test_vectorised_arm_equals_per_run_loop(arm, n_b):
         np.testing.assert_allclose(out["loss"][:, r], losses, rtol=1e-4, atol=1e-5)
         assert out["accuracy"][r, 0] == pytest.approx(acc)
         # Adam divides each step by sqrt(v): for an element whose gradient is ~0, float rounding
-        # (batched vs single convolutions) changes its step by up to ~lr, hence atol ~ lr / 10.
+        # (batched vs single convolutions) changes its step by up to ~lr. Such elements are rare;
+        # every other one agrees to 1e-4.
         for name, p in net.named_parameters():
-            torch.testing.assert_close(out["params"][name][r], p.detach(), rtol=1e-4, atol=1e-4)
+            diff = (out["params"][name][r] - p.detach()).abs()
+            assert diff.max() <= 3 * 1e-3, name                     # 3 steps of at most ~lr each
+            assert (diff > 1e-4 + 1e-4 * p.detach().abs()).double().mean() < 1e-3, name
 
 
 def test_steps_to_reach_interpolates():
@@ -78,3 +81,41 @@ def test_unknown_arm_is_an_error():
     plan = speedup.make_plan(labels, 60, runs=1, steps=1, n_b=1, eval_steps=[1], eval_size=5)
     with pytest.raises(ValueError, match="arm"):
         speedup.train_arm("cos", plan, images, labels, images, labels, progress=False)
+
+
+def test_eval_schedule_is_dense_early_then_sparse():
+    assert speedup.eval_schedule(150, early_every=2, early_until=60, late_every=10) == \
+        list(range(0, 61, 2)) + list(range(70, 151, 10))
+    assert speedup.eval_schedule(40, early_every=4, early_until=40, late_every=10) == list(range(0, 41, 4))
+    with pytest.raises(ValueError, match="early_until"):
+        speedup.eval_schedule(10, early_every=2, early_until=20, late_every=5)
+    with pytest.raises(ValueError, match="intervals"):
+        speedup.eval_schedule(10, early_every=0, early_until=4, late_every=5)
+
+
+def test_train_arms_equals_train_arm_per_arm_and_round_trips_bit_for_bit(tmp_path):
+    images, labels = _data()
+    test_images, test_labels = _data(60, seed=1)
+    plan = speedup.make_plan(labels, 60, runs=2, steps=2, n_b=1, eval_steps=[0, 2], eval_size=20, seed=3)
+    result = speedup.train_arms(["ce", "pos_cos"], plan, images, labels, test_images, test_labels, progress=False)
+    assert list(result.accuracy) == ["ce", "pos_cos"] and set(result.seconds) == {"ce", "pos_cos"}
+    np.testing.assert_array_equal(result.eval_steps, plan.eval_steps)
+    for arm in ("ce", "pos_cos"):
+        alone = speedup.train_arm(arm, plan, images, labels, test_images, test_labels, progress=False)
+        np.testing.assert_array_equal(result.accuracy[arm], alone["accuracy"])
+
+    torch.save(result.to_plain(), tmp_path / "arms.pt")
+    back = speedup.ArmsResult.from_plain(torch.load(tmp_path / "arms.pt", weights_only=True))
+    assert back.eval_steps.dtype == result.eval_steps.dtype
+    np.testing.assert_array_equal(back.eval_steps, result.eval_steps)
+    for arm, acc in result.accuracy.items():
+        assert back.accuracy[arm].dtype == acc.dtype and np.array_equal(back.accuracy[arm], acc)
+    assert back.seconds == result.seconds
+
+
+@pytest.mark.parametrize("accuracy, match", [(np.full((2, 3), 1.5), "in \\[0, 1\\]"),
+                                             (np.full((2, 3), np.nan), "finite"),
+                                             (np.zeros((2, 4)), "eval steps")])
+def test_arms_result_refuses_impossible_accuracies(accuracy, match):
+    with pytest.raises(ValueError, match=match):
+        speedup.ArmsResult(np.arange(3), {"ce": accuracy}, {"ce": 1.0})

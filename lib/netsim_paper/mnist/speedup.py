@@ -22,7 +22,10 @@ be measured with paired statistics. The R runs of one arm train at once: paramet
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from tqdm.auto import tqdm
 
 from netsim.enforce import group_criterion
 from netsim.outputs import class_vs_rest
+
 from ..runtime import build_seeded
 
 ARMS = ("ce", "paper", "neg_cos", "pos_cos")
@@ -76,6 +80,20 @@ class PairedPlan:
     eval_indices: np.ndarray
 
 
+def eval_schedule(steps: int, *, early_every: int, early_until: int, late_every: int) -> list[int]:
+    """The validation steps: every `early_every` steps from 0 to `early_until`, then every
+    `late_every` from `early_until` to `steps` (both ends included where they fall on the grid).
+
+    Example:
+        >>> eval_schedule(30, early_every=5, early_until=10, late_every=10)
+        [0, 5, 10, 20, 30]
+    """
+    if min(early_every, late_every) < 1 or not 0 <= early_until <= steps:
+        raise ValueError(f"need intervals >= 1 and 0 <= early_until <= steps, got early_every={early_every}, "
+                         f"early_until={early_until}, late_every={late_every}, steps={steps}")
+    return sorted(set(range(0, early_until + 1, early_every)) | set(range(early_until, steps + 1, late_every)))
+
+
 def make_plan(train_labels: Tensor, n_test: int, *, runs: int, steps: int, n_b: int,
               eval_steps, eval_size: int, seed: int = 0) -> PairedPlan:
     """Draws the classes, batches and validation subsets of R paired runs (seeded)."""
@@ -116,7 +134,7 @@ def _run_loss(template: nn.Module, arm: str, n_b: int):
         labels = label.expand(x1.shape[0])
         ce, mus = 0.0, []
         for x in (x1, x2):
-            logits, pullback = vjp(lambda p: functional_call(template, p, (x,)), params)
+            logits, pullback = vjp(lambda p, x=x: functional_call(template, p, (x,)), params)
             ce = ce + nn.functional.cross_entropy(logits, labels) / 2
             if arm != "ce":
                 d_logits = grad(lambda z: class_vs_rest(z, labels).mean())(logits)
@@ -200,6 +218,53 @@ def _train_group(arm: str, plan: PairedPlan, train_images: Tensor, train_labels:
         if step + 1 in eval_at:
             validate(eval_at[step + 1])
     return {"accuracy": accuracy, "loss": losses, "params": {k: p.detach() for k, p in params.items()}}
+
+
+@dataclass(frozen=True)
+class ArmsResult:
+    """The validation curves of several arms trained on one plan (paired runs).
+
+    Attributes:
+        eval_steps: `(V,)` int64, the plan's validation steps.
+        accuracy: arm -> `(R, V)` float64 validation accuracy in [0, 1].
+        seconds: arm -> wall time of its training and validation.
+    """
+
+    eval_steps: np.ndarray
+    accuracy: dict[str, np.ndarray]
+    seconds: dict[str, float]
+
+    def __post_init__(self):
+        for arm, acc in self.accuracy.items():
+            if acc.ndim != 2 or acc.shape[1] != len(self.eval_steps):
+                raise ValueError(f"arm {arm!r}: accuracy of shape {acc.shape} for {len(self.eval_steps)} eval steps")
+            if not (np.isfinite(acc).all() and (acc >= 0).all() and (acc <= 1).all()):
+                raise ValueError(f"arm {arm!r}: accuracies must be finite and in [0, 1]")
+
+    def to_plain(self) -> dict[str, Any]:
+        """Tensors, floats and dicts of them: safe to cache and to load with
+        `torch.load(weights_only=True)`; `from_plain` gives back the same arrays, bit for bit."""
+        return {"eval_steps": torch.from_numpy(self.eval_steps),
+                "accuracy": {arm: torch.from_numpy(acc) for arm, acc in self.accuracy.items()},
+                "seconds": dict(self.seconds)}
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> ArmsResult:
+        """Inverse of `to_plain`."""
+        return cls(plain["eval_steps"].numpy(), {arm: acc.numpy() for arm, acc in plain["accuracy"].items()},
+                   {arm: float(s) for arm, s in plain["seconds"].items()})
+
+
+def train_arms(arms: Iterable[str], plan: PairedPlan, train_images: Tensor, train_labels: Tensor,
+               test_images: Tensor, test_labels: Tensor, *, lr: float = 1e-3, progress: bool = True) -> ArmsResult:
+    """`train_arm` for each arm on the same plan, timed; see `train_arm` for the arguments."""
+    accuracy, seconds = {}, {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        accuracy[arm] = train_arm(arm, plan, train_images, train_labels, test_images, test_labels, lr=lr,
+                                  progress=progress)["accuracy"]
+        seconds[arm] = time.perf_counter() - t0
+    return ArmsResult(plan.eval_steps, accuracy, seconds)
 
 
 def steps_to_reach(accuracy: np.ndarray, eval_steps: np.ndarray, level: float) -> float | None:

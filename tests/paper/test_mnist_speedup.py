@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from netsim import enforce, outputs
+from netsim_paper import cache
 from netsim_paper.mnist import speedup
 
 
@@ -104,8 +105,8 @@ def test_train_arms_equals_train_arm_per_arm_and_round_trips_bit_for_bit(tmp_pat
         alone = speedup.train_arm(arm, plan, images, labels, test_images, test_labels, progress=False)
         np.testing.assert_array_equal(result.accuracy[arm], alone["accuracy"])
 
-    torch.save(result.to_plain(), tmp_path / "arms.pt")
-    back = speedup.ArmsResult.from_plain(torch.load(tmp_path / "arms.pt", weights_only=True))
+    cache.save_atomic(result.to_plain(), tmp_path / "arms.pt")          # refuses anything but plain data
+    back = speedup.ArmsResult.from_plain(cache.load(tmp_path / "arms.pt"))
     assert back.eval_steps.dtype == result.eval_steps.dtype
     np.testing.assert_array_equal(back.eval_steps, result.eval_steps)
     for arm, acc in result.accuracy.items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from netsim_paper import cache
 from netsim_paper.sinusoid.data import (
     SinusoidRun,
     make_sinusoid,
@@ -131,9 +132,9 @@ def test_ensemble_run_equals_training_that_network_alone():
 
 def test_runs_round_trip_through_a_weights_only_file_bit_for_bit(tmp_path):
     runs = train_sinusoid_ensemble([1, 2], [0], n=32, epochs=2, batch_size=8, hidden=8, depth=2, progress=False)
-    torch.save(runs_to_plain(runs), tmp_path / "runs.pt")
+    cache.save_atomic(runs_to_plain(runs), tmp_path / "runs.pt")          # refuses anything but plain data
     state = torch.get_rng_state()
-    loaded = runs_from_plain(torch.load(tmp_path / "runs.pt", weights_only=True))
+    loaded = runs_from_plain(cache.load(tmp_path / "runs.pt"))
     assert torch.equal(torch.get_rng_state(), state), "rebuilding the networks must not draw from the global RNG"
     for run, back in zip(runs, loaded):
         assert (back.frequency, back.seed, back.final_train_l1) == (run.frequency, run.seed, run.final_train_l1)

@@ -15,7 +15,7 @@ import argparse
 import json
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def main() -> None:
     per_notebook = paper_seconds()
     measured["run_all_paper"] = sum(per_notebook.values())
     budgets = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "note": ("smoke and tests: wall clock of the commands with .venv built and data/cache filled "
                  "(a fresh clone adds ~1.5 min of set-up and the smoke trainings, see README); paper: "
                  "the sum of the compute times the notebooks recorded when their cached results were built"),
@@ -65,7 +65,8 @@ def main() -> None:
     results["budgets"] = budgets
     path.write_text(json.dumps(results, indent=2) + "\n")
     for row in budgets["rows"]:
-        print(f"{row['what']:>14}: {row['seconds']:8.1f} s (budget {row['budget_s']} s) {'met' if row['met'] else 'MISSED'}")
+        met = "met" if row["met"] else "MISSED"
+        print(f"{row['what']:>14}: {row['seconds']:8.1f} s (budget {row['budget_s']} s) {met}")
 
 
 if __name__ == "__main__":

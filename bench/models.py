@@ -13,14 +13,16 @@ Models (`MODELS`):
   `(N, 1, 28, 28)` standard normal with random integer labels, `output_fn=class_vs_rest`,
   epoch loss cross-entropy.
 - "cnn1m": `cnn_1m()` below, 1,295,050 parameters, inputs `(N, 3, 32, 32)`, like mnist_cnn.
-- "registration": `netsim_paper.registration.model.RegistrationNet(cap=6.0, channels=(16, 32, 64),
-  zero_init=False)`, 312,610 parameters, on (image, raster) pairs of 64 x 64 patches packed
+- "registration": the coarse stage the notebooks analyse (Figs. 1-2, 6-7): a
+  `netsim_paper.registration.model.RegistrationNet` with the paper profile's channels (16, 32, 64),
+  GroupNorm and first-stage cap 8 (`RegistrationConfig.PAPER`), `zero_init=False`, 313,954
+  parameters (19 Conv2d, 18 GroupNorm), on (image, raster) pairs of 64 x 64 patches packed
   into one `(N, 6, 64, 64)` tensor (`PackedRegistration` splits it again), `output_fn` the mean
   over the patch of each displacement channel (d = 2), epoch loss `registration_loss`
   (weighted squared displacement error) against a synthetic target field. `zero_init=False`:
   the default zero head makes every gradient but the head's exactly zero (an untrained
-  stage's output is 0 whatever its input), which would benchmark a degenerate kernel. Its
-  convolutions are followed by ReLU(inplace=True), as in the library.
+  stage's output is 0 whatever its input), which would benchmark a degenerate kernel. Each
+  convolution is followed by GroupNorm and ReLU(inplace=True), as in the training.
 
 Inputs are synthetic (seeded): the timings do not depend on the values, only on the shapes
 (and, for ReLU networks, hardly on the activation pattern).
@@ -42,18 +44,18 @@ flattened blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import netsim
-from netsim_paper.sinusoid.data import make_sinusoid, sinusoid_mlp
 from netsim.kernel import psd_power
 from netsim.outputs import class_vs_rest
 from netsim_paper.mnist.speedup import mnist_cnn
+from netsim_paper.sinusoid.data import make_sinusoid, sinusoid_mlp
 
 #: Samples per vmap call of the plain torch.func baseline (netsim's Jacobian engine uses 64).
 VMAP_CHUNK = 64
@@ -101,7 +103,7 @@ class Bench:
     loss: Callable[[Tensor, Tensor], Tensor]
     d: int = 1
 
-    def subset(self, n: int) -> "Bench":
+    def subset(self, n: int) -> Bench:
         return Bench(self.name, self.model, self.inputs[:n], None if self.targets is None else self.targets[:n],
                      self.output_fn, self.loss_targets[:n], self.loss, self.d)
 
@@ -147,12 +149,16 @@ REGISTRATION_PATCH = 64
 
 
 def registration_net(seed: int = 0) -> PackedRegistration:
-    """`RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False)` (312,610 parameters),
-    seeded, packed for one input tensor."""
+    """The registration stage the notebooks analyse, the coarse stage of the paper profile
+    (`RegistrationConfig.PAPER`: channels, GroupNorm, its cap), with `zero_init=False`; seeded,
+    packed for one input tensor."""
+    from netsim_paper.registration.config import RegistrationConfig
     from netsim_paper.registration.model import RegistrationNet
+    cfg = RegistrationConfig.PAPER
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return PackedRegistration(RegistrationNet(cap=6.0, channels=(16, 32, 64), zero_init=False))
+        return PackedRegistration(RegistrationNet(cap=cfg.caps[0], channels=cfg.channels, zero_init=False,
+                                                  norm=cfg.norm))
 
 
 def mean_displacement(field: Tensor) -> Tensor:
@@ -188,7 +194,8 @@ DESCRIPTIONS = {
     "mlp": "sinusoid MLP (sinusoid_mlp(), 21k params, input (N, 2), d=1)",
     "mnist_cnn": "MNIST CNN (mnist_cnn(0), 317k params, input (N, 1, 28, 28), class_vs_rest, d=1)",
     "cnn1m": "1.3M-param CNN (bench/models.py cnn_1m, input (N, 3, 32, 32), class_vs_rest, d=1)",
-    "registration": "registration U-Net (RegistrationNet(cap=6, channels=(16, 32, 64), zero_init=False), 313k params, "
+    "registration": "registration U-Net (the paper profile's coarse stage: RegistrationNet(cap=8, "
+                    "channels=(16, 32, 64), norm='group', zero_init=False), 314k params, "
                     "(image, raster) 64x64 patches packed as (N, 6, 64, 64), mean displacement, d=2, trace)",
 }
 

@@ -39,8 +39,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

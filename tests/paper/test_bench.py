@@ -21,17 +21,22 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(BENCH))  # the bench's modules import each other by name, as bench/run.py does
+
+import flops  # noqa: E402
+import models as M  # noqa: E402
+import peers as P  # noqa: E402
+import records  # noqa: E402
+import tasks  # noqa: E402
 
 
-run = _load("netsim_bench_run", BENCH / "run.py")   # puts bench/ on sys.path, imports bench/models.py
-M = run.M
-P = run.P
+def test_cli_parses_its_options():
+    spec = importlib.util.spec_from_file_location("netsim_bench_run", BENCH / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    args = run.parser().parse_args(["--quick", "--only", "mlp", "--tasks", "soft:layerwise"])
+    assert args.quick and args.only == "mlp" and args.tasks == "soft:layerwise" and args.isolate == "fork"
+
 
 N_TINY = 12
 
@@ -72,11 +77,16 @@ def _close(actual, expected, atol):
     torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=atol)
 
 
-def test_registration_bench_is_the_registration_net_on_packed_pairs():
+def test_registration_bench_is_the_analysed_stage_on_packed_pairs():
+    """The registration model timed is the one the notebooks analyse: the paper profile's coarse
+    stage (its channels, GroupNorm, its cap)."""
+    from netsim_paper.registration.config import RegistrationConfig
     from netsim_paper.registration.model import RegistrationNet
+    cfg = RegistrationConfig.PAPER
     b = M.make_bench("registration", 3)
     net = b.model.net
-    assert isinstance(net, RegistrationNet) and net.cap == 6.0 and net.channels == (16, 32, 64)
+    assert isinstance(net, RegistrationNet) and net.cap == cfg.caps[0] == 8.0 and net.channels == cfg.channels
+    assert cfg.norm == "group" and sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == 18
     assert b.inputs.shape == (3, 6, 64, 64) and b.d == 2
     # the packed wrapper is the two-input net on the (image, raster) halves
     torch.testing.assert_close(b.model(b.inputs), net(b.inputs[:, :3], b.inputs[:, 3:]))
@@ -84,25 +94,22 @@ def test_registration_bench_is_the_registration_net_on_packed_pairs():
     assert b.loss(b.model(b.inputs), b.loss_targets).ndim == 0
 
 
-def test_registration_uses_the_conv_rule_for_every_layer(monkeypatch):
+def test_registration_runs_on_the_layerwise_engine(monkeypatch):
     """The layer-wise engine takes the registration net as it is (ReLU(inplace=True) included):
-    all its parameterised modules are Conv2d, none falls back to the generic rule."""
+    one factor per parameterised module, 19 Conv2d and 18 GroupNorm (exactness: the tests
+    against the reference below)."""
     from netsim import layerwise
-
-    def refuse(*args):
-        raise AssertionError("generic rule used")
-
-    monkeypatch.setattr(layerwise, "_generic_rule", refuse)
     monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
     b = M.make_bench("registration", 2)
     factors = layerwise.factorise(b.model, b.inputs, b.output_fn)
-    assert len(factors) == sum(isinstance(m, torch.nn.Conv2d) for m in b.model.modules()) == 19
-    assert run._engine(b, "auto").name == "layerwise"
+    kinds = [type(m) for m in b.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    assert len(factors) == len(kinds) == 37 and kinds.count(torch.nn.Conv2d) == 19
+    assert flops.bench_engine(b, "auto").name == "layerwise"
 
 
 def test_model_sizes():
     sizes = {name: sum(p.numel() for p in M.make_bench(name, 2).model.parameters()) for name in M.available_models()}
-    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 312_610}
+    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 313_954}
 
 
 def test_per_sample_grads_paths_match_reference(case):
@@ -151,8 +158,8 @@ def test_dense_steps_for_d_2_match_the_reference():
 def test_similarity_plan_counts_the_executed_gram_flops(method):
     """The flop formula of the GEMM-efficiency goal equals what the gram calls execute."""
     b = M.make_bench("mlp", 300)
-    plan = run.similarity_plan(b, method)
-    meter = run.GramMeter()
+    plan = flops.similarity_plan(b, method)
+    meter = flops.GramMeter()
     try:
         M.ours_similarity(b, method)
     finally:  # undo the wrapping for the other tests
@@ -168,14 +175,14 @@ def test_similarity_plan_counts_the_executed_gram_flops(method):
 def test_similarity_plan_counts_the_executed_gram_flops_for_d_2(monkeypatch):
     monkeypatch.setattr(M, "REGISTRATION_PATCH", SMALL_PATCH)
     b = M.make_bench("registration", 6)
-    plan = run.similarity_plan(b, "layerwise")
-    meter = run.GramMeter()
+    plan = flops.similarity_plan(b, "layerwise")
+    meter = flops.GramMeter()
     try:
         M.ours_similarity(b, "layerwise")
     finally:
         meter.restore()
     assert meter.flops == plan["counts"](6)[1] * plan["pair_flops"]
-    assert plan["pair_flops"] == 2 * 2 * 312_610   # conv layers are dense: 2 d p_l per pair
+    assert plan["pair_flops"] == 2 * 2 * 313_954   # conv and GroupNorm layers are dense: 2 d p_l per pair
 
 
 # --------------------------------------------------------------------------- peers
@@ -415,7 +422,7 @@ def test_update_readme_leaves_performance_alone_without_results_or_markers(tmp_p
 @pytest.mark.parametrize("task", ["naive", "vmap"])
 def test_baseline_child_skips_only_the_similarity_when_its_projection_exceeds_the_cap(task):
     """A tiny torch.mm rate makes the projected G G^T huge: G and the soft density still run, twice."""
-    out = run.child_measure("mlp", 128, task, cap=30.0, reps=2, rep_budget=100.0, mm_gflops=1e-6)
+    out = tasks.child_measure("mlp", 128, task, cap=30.0, reps=2, rep_budget=100.0, mm_gflops=1e-6)
     rows = {r["task"]: r for r in out["rows"]}
     assert rows["similarity"]["status"] == "skipped" and rows["similarity"]["projected_s"] > 30
     assert rows["per_sample_grads"]["status"] == rows["soft_density"]["status"] == "ok"
@@ -434,7 +441,7 @@ def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     old["results"].append(dict(row("mlp", 64, "soft_density", "layerwise", 3.0), x_epoch=3.0))
     new["results"].insert(0, dict(row("mlp", 64, "epoch", "epoch", 1.5), epoch_s=1.5))
     new["results"][1]["epoch_s"] = 1.5
-    out = run.merge_results(old, new)
+    out = records.merge_results(old, new)
     assert [(r["model"], r["task"], r["seconds"]) for r in out["results"]] == [
         ("mlp", "epoch", 1.5), ("mlp", "similarity", 4.0), ("mlp", "soft_density", 3.0), ("cnn1m", "epoch", 2.0)]
     # every ratio stays against the epoch of its own run: the old soft density against 1.0 s
@@ -445,7 +452,7 @@ def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     # the GEMM efficiency (and the torch.mm rate it was computed against) of the larger N wins
     old.update(gemm_efficiency={"n": 4096, "efficiency": 0.7}, gemm={"gflops": 100.0})
     new.update(gemm_efficiency={"n": 256, "efficiency": 0.9}, gemm={"gflops": 90.0})
-    out = run.merge_results(old, new)
+    out = records.merge_results(old, new)
     assert out["gemm_efficiency"]["n"] == 4096 and out["gemm"]["gflops"] == 100.0
     new["gemm_efficiency"]["n"] = 8192
-    assert run.merge_results(old, new)["gemm_efficiency"]["n"] == 8192
+    assert records.merge_results(old, new)["gemm_efficiency"]["n"] == 8192

@@ -38,6 +38,7 @@ def library_state() -> dict:
 
 
 def machine_info() -> dict:
+    """CPU model, cores, torch and python versions, platform and the load average at the start."""
     cpu = "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -70,12 +71,14 @@ def row_cells(r: dict) -> tuple[str, str, str, str]:
 
 
 def method_label(r: dict) -> str:
+    """The method of a row as printed, with how a peer ran where that matters."""
     label = METHOD_NAMES.get(r["method"], r["method"])
     variants = [v for v in (r.get("captum_mode"), r.get("variant")) if v]
     return f"{label} ({'; '.join(variants)})" if variants else label
 
 
 def print_table(results: dict) -> None:
+    """One console line per result row, then the peers' status."""
     hdr = f"{'model':12s} {'N':>6s} {'task':17s} {'method':24s} {'seconds':>8s} {'x epoch':>8s} {'peak MB':>8s}  status"
     print(hdr)
     print("-" * len(hdr))
@@ -139,6 +142,8 @@ def recompute_ratios(res: dict) -> dict:
 
 
 def evaluate_goals(res: dict) -> list[dict]:
+    """The goals on the rows: soft_density <= 3x epoch per model (layer-wise, largest N), the
+    >= 1M CNN's similarity at N = 4096 <= 10x epoch, the MLP gram's GEMM efficiency >= 60%."""
     goals = []
     rows = [r for r in res["results"] if r["status"] == "ok"]
     quick = res["mode"] == "quick"

@@ -12,19 +12,24 @@ kernels compare per-sample parameter gradients.
     >>> n_s = netsim.soft_density(net, x)       # (100,) soft neighbour counts, no 100x100 matrix
 """
 
-from . import outputs
+from . import engine, outputs
+from .checks import NonFiniteError
 from .density import counts_from_kernel, neighbour_counts, soft_density
-from .grads import iter_jacobians, num_parameters, per_sample_grads, trainable_parameters
+from .grads import iter_jacobians, num_parameters, output_jvp, per_sample_grads, trainable_parameters
 from .kernel import ZeroGradientError, psd_power, similarity, similarity_from_jacobians
+from .layerwise import without_inplace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NonFiniteError",
     "ZeroGradientError",
     "counts_from_kernel",
+    "engine",
     "iter_jacobians",
     "neighbour_counts",
     "num_parameters",
+    "output_jvp",
     "outputs",
     "per_sample_grads",
     "psd_power",
@@ -32,4 +37,5 @@ __all__ = [
     "similarity_from_jacobians",
     "soft_density",
     "trainable_parameters",
+    "without_inplace",
 ]

@@ -1,55 +1,178 @@
-"""Validation shared by the public functions: one home for the checks on models, inputs
-and outputs, so every entry point raises the same clear error for the same mistake."""
+"""Validation shared by the public functions: one home for the checks on models, inputs,
+options and outputs, so every entry point raises the same clear error for the same mistake.
+
+Every public function that takes a model runs `check_model` and `check_batch` before its
+first forward pass: a refused call never runs the model, so it leaves the parameters,
+buffers (BatchNorm running statistics), training flags and hooks as they were.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import Tensor, nn
 
 _MODES_THAT_MIX_SAMPLES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+#: Parameter dtypes the kernels are computed in. Half precisions are refused: their per-sample
+#: gradients carry ~3 significant digits, too few to separate the rank of K(x, x) (a classifier's
+#: null direction) from rounding, and their range cannot hold J J^T of ordinary outputs.
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def check_model_mode(model: nn.Module) -> None:
-    """Raise ValueError if a BatchNorm or Dropout module is in training mode (per-sample
-    gradients are then undefined: the output depends on the batch or on random draws)."""
+class NonFiniteError(ValueError):
+    """Some samples have NaN or infinite inputs, outputs or gradients.
+
+    Attributes:
+        where: {"inputs" | "outputs" | "gradients": sample indices}, the first stage at which
+            each sample became non-finite.
+        indices: all those samples, sorted.
+    """
+
+    def __init__(self, where: dict[str, list[int]]):
+        self.where = {k: v for k, v in where.items() if v}
+        self.indices = sorted(i for v in self.where.values() for i in v)
+        parts = []
+        for stage, rows in self.where.items():
+            shown = ", ".join(map(str, rows[:20])) + (" ..." if len(rows) > 20 else "")
+            parts.append(f"{stage} of {len(rows)} sample(s) (indices {shown})")
+        super().__init__(
+            "non-finite values (NaN or inf) in the " + "; ".join(parts) + ": the kernels of these samples are "
+            "undefined. Check the data (NaN pixels, division by zero in preprocessing) or the output_fn "
+            "(log of 0); on_zero does not apply, it is only about zero gradients.")
+
+    def shifted(self, offset: int) -> NonFiniteError:
+        """The same error with every index moved by `offset` (a chunk's position in the data)."""
+        return NonFiniteError({k: [i + offset for i in v] for k, v in self.where.items()})
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """Raise ValueError unless `value` is one of `choices` (option strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(name: str, value, *, optional: bool = False) -> None:
+    """Raise unless `value` is an int >= 1 (or None when `optional`): chunk and block sizes."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None (the default)' if optional else ''}, got {value}")
+
+
+def check_rtol(rtol) -> None:
+    """Raise unless `rtol` is None or a float in [0, 1) (a relative eigenvalue cut-off)."""
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1):
+        raise ValueError(f"rtol must be None or a number in [0, 1) (relative to the largest eigenvalue), got {rtol!r}")
+
+
+def check_keywords(given: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    """Raise TypeError naming every keyword of `given` that `allowed` lacks (misspelt options)."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword argument(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise before any forward pass if the kernels are undefined or inexact for this model.
+
+    Refused: not an `nn.Module`; no trainable parameter; BatchNorm or Dropout in training mode
+    (the output then depends on the rest of the batch or on random draws, and a forward pass
+    would move the running statistics); half-precision parameters; an active autocast.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter (requires_grad=True): "
+            "the gradient kernels are defined by parameter gradients, so there is nothing to compare.")
     for name, module in model.named_modules():
         if module.training and isinstance(module, _MODES_THAT_MIX_SAMPLES):
             raise ValueError(
                 f"module {name or type(model).__name__!r} ({type(module).__name__}) is in training "
                 "mode: its output depends on the rest of the batch or on random draws, so a "
-                "per-sample gradient is not defined. Call model.eval() first."
-            )
+                "per-sample gradient is not defined. Call model.eval() first.")
+    low = sorted({str(p.dtype) for _, p in trainable if p.dtype not in SUPPORTED_DTYPES})
+    if low:
+        raise TypeError(
+            f"the model has {', '.join(low)} parameters: netsim computes per-sample gradients and their "
+            "kernels in float32 or float64 (half precisions cannot resolve the rank of K(x, x) and overflow "
+            "on J J^T). Pass a float32 copy, e.g. copy.deepcopy(model).float(), with float32 inputs.")
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            raise RuntimeError(f"netsim was called inside torch.autocast({device!r}): the per-sample gradients "
+                               "would be computed in half precision. Call it outside the autocast context.")
 
 
-def check_inputs(model: nn.Module, inputs: Tensor, targets: Tensor | None) -> None:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first trainable parameter."""
+    return next(p for p in model.parameters() if p.requires_grad).device
+
+
+def check_batch(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
+                name: str = "inputs", targets_name: str = "targets") -> None:
     """Raise a clear error unless `inputs` is a non-empty `(N, ...)` tensor on the model's
-    device and `targets`, if given, has one row per input on the same device."""
+    device and `targets`, if given, is a tensor with one row per input on the same device.
+    Shapes only: no pass over the data."""
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
     if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
-    device = next(p for p in model.parameters() if p.requires_grad).device
+        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
+    device = model_device(model)
     if inputs.device != device:
-        raise ValueError(
-            f"inputs are on {inputs.device} but the model's parameters are on {device}: "
-            "move one of them (e.g. inputs.to(device))."
-        )
+        raise ValueError(f"{name} are on {inputs.device} but the model's parameters are on {device}: "
+                         f"move one of them (e.g. {name}.to(device)).")
+    if inputs.is_floating_point() and inputs.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} are {inputs.dtype}: netsim works in float32 or float64 (e.g. {name}.float())")
     if targets is not None:
-        if targets.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"targets has {targets.shape[0]} rows for {inputs.shape[0]} inputs: one per sample needed"
-            )
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"{targets_name} must be a torch.Tensor with one row per sample, got "
+                            f"{type(targets).__name__}")
+        if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+            rows = "a scalar" if targets.ndim == 0 else f"{targets.shape[0]} rows"
+            raise ValueError(f"{targets_name} has {rows} for {inputs.shape[0]} {name}: one per sample needed")
         if targets.device != device:
-            raise ValueError(f"targets are on {targets.device} but the model is on {device}")
+            raise ValueError(f"{targets_name} are on {targets.device} but the model is on {device}")
 
 
-def as_output_matrix(out: Tensor, batch: int) -> Tensor:
+def as_output_matrix(out, batch: int) -> Tensor:
     """Checks that an output batch is `(B, d)`; a `(B,)` output is read as d = 1."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model (after output_fn) returned a {type(out).__name__}, not a tensor: pass output_fn mapping "
+            "the raw output to a (B, d) tensor, e.g. output_fn=lambda out: out[0] for a tuple, "
+            "or lambda out: out['logits'] for a dict.")
     if out.ndim == 1 and out.shape[0] == batch:
         return out.unsqueeze(1)
     if out.ndim != 2 or out.shape[0] != batch:
         raise ValueError(
             f"the (reduced) model output must have shape (B, d) = ({batch}, d), got {tuple(out.shape)}. "
             "Pass output_fn mapping the raw output batch to (B, d), e.g. the displacement at the "
-            "patch centre, or netsim.outputs.class_vs_rest for a classifier."
-        )
+            "patch centre, or netsim.outputs.class_vs_rest for a classifier.")
+    if out.shape[1] == 0:
+        raise ValueError("the (reduced) model output has d = 0 columns: nothing to differentiate")
     return out
+
+
+def nonfinite_rows(t: Tensor) -> Tensor:
+    """`(n,)` bool: rows of `t` holding a NaN or an infinity."""
+    return ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+
+
+@contextmanager
+def buffers_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Runs the block; if it raises, puts the model's buffers (BatchNorm running statistics and
+    counters) back as they were before it, so a refused call leaves no trace on the model.
+    For the functions that must run the model in training mode (the enforcing criteria)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        raise

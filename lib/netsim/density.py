@@ -6,12 +6,16 @@ Conventions (also in every figure that shows them):
 - soft        N_S(x)       = sum_x' k^C(x, x')                         self included (k^C(x, x) = 1)
 - positive    N_alpha^+(x) = sum_{x' != x, k^C > 0} k^C(x, x')^alpha   self excluded
 
-so that int_0^1 N_tau dtau = N_1^+ and, when no k^C is negative, N_S = N_1^+ + 1.
+so that int_0^1 N_tau dtau = N_1^+ and, when no k^C is negative, N_S = N_1^+ + 1. A k^C within
+`tie_tolerance` below tau counts as reaching it: float32 rounding must not decide ties, e.g.
+duplicate inputs (k^C = 1) at tau = 1, whatever the engine.
 
-The dense estimators take one `(N, M)` similarity matrix (small N: compute it once and read
-every estimator from it). `soft_density` needs no matrix at all: the soft count is a dot
-product with the sum of the normalised Jacobians (section 4.2), computed in two passes over
-the data, O(N d^2 p) time and O(chunk d p) memory.
+The estimators of a precomputed `(N, M)` similarity matrix (small N: compute it once and read
+every estimator from it) are `counts_from_kernel` and friends. From a model, `neighbour_counts`
+never holds an N x N matrix: the hard and positive counts fold the blocks of
+`kernel.similarity_blocks` into per-row counts as they stream by, and `soft_density` needs no
+matrix at all: the soft count is a dot product with the sum of the normalised Jacobians
+(section 4.2), computed in two passes over the data, O(N d^2 p) time and O(chunk d p) memory.
 """
 
 from __future__ import annotations
@@ -19,24 +23,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .checks import check_batch, check_choice, check_keywords, check_model, check_positive_int, check_rtol
 from .distributed import all_reduce_, gather_rows, shard
-from .engine import engine_for
-from .grads import OutputFn, output_jvp
-from .kernel import left_factor, similarity
+from .engine import METHODS, engine_for
+from .grads import OutputFn, output_jvp, trainable_parameters
+from .kernel import ON_ZERO, left_factor, similarity_blocks
 
 ESTIMATORS = ("hard", "soft", "positive")
-#: `similarity` options that `soft_density` takes too (the rest, e.g. max_block_bytes, are matrix-only).
+#: The options `neighbour_counts` passes on, per estimator (soft: `soft_density`'s; hard and
+#: positive: `similarity`'s, the kind and reduction being fixed).
 _SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group")
+_MATRIX_OPTIONS = ("chunk_size", "max_block_bytes", "rtol", "on_zero", "method", "progress", "process_group")
+
+
+def tie_tolerance(dtype: torch.dtype) -> float:
+    """How far below tau a k^C still counts as reaching it: 256 units of rounding (3e-5 in
+    float32), below the accuracy of a float32 gram of many parameters."""
+    return 256 * torch.finfo(dtype).eps
 
 
 def _check_tau(tau: float) -> None:
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1] (a threshold on k^C), got {tau}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1] (a threshold on k^C), got {tau!r}")
 
 
 def _check_alpha(alpha: float) -> None:
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+
+
+def _row_counts(kc: Tensor, keep: Tensor, estimator: str, tau: float, alpha: float) -> Tensor:
+    """`(n,)` hard or positive counts of the `(n, m)` block `kc` over the entries `keep`."""
+    if estimator == "hard":
+        return ((kc >= tau - tie_tolerance(kc.dtype)) & keep).sum(1).to(kc.dtype)
+    return torch.where(keep & (kc > 0), kc.clamp_min(0) ** alpha, torch.zeros_like(kc)).sum(1)
 
 
 def _off_self(kc: Tensor, self_index: Tensor | None) -> Tensor:
@@ -54,7 +74,7 @@ def _self_index(kc: Tensor, self_index: Tensor | None) -> Tensor | None:
 
 
 def hard_count(kc: Tensor, tau: float, self_index: Tensor | None = None) -> Tensor:
-    """N_tau: neighbours with k^C >= tau, self excluded.
+    """N_tau: neighbours with k^C >= tau (within `tie_tolerance`), self excluded.
 
     Args:
         kc: `(N, M)` k^C of each query to each reference sample.
@@ -66,15 +86,13 @@ def hard_count(kc: Tensor, tau: float, self_index: Tensor | None = None) -> Tens
         `(N,)` counts (float).
     """
     _check_tau(tau)
-    mask = _off_self(kc, _self_index(kc, self_index))
-    return ((kc >= tau) & mask).sum(1).to(kc.dtype)
+    return _row_counts(kc, _off_self(kc, _self_index(kc, self_index)), "hard", tau, 0.0)
 
 
 def positive_count(kc: Tensor, alpha: float, self_index: Tensor | None = None) -> Tensor:
     """N_alpha^+: sum of k^C^alpha over positive similarities, self excluded. `(N, M) -> (N,)`."""
     _check_alpha(alpha)
-    mask = _off_self(kc, _self_index(kc, self_index)) & (kc > 0)
-    return torch.where(mask, kc.clamp_min(0) ** alpha, torch.zeros_like(kc)).sum(1)
+    return _row_counts(kc, _off_self(kc, _self_index(kc, self_index)), "positive", 0.0, alpha)
 
 
 def soft_count(kc: Tensor) -> Tensor:
@@ -96,28 +114,67 @@ def counts_from_kernel(kc: Tensor, estimator: str, *, tau: float = 0.9, alpha: f
 
 def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", tau: float = 0.9,
                      alpha: float = 2.0, output_fn: OutputFn | None = None,
-                     targets: Tensor | None = None, **similarity_kwargs) -> Tensor:
+                     targets: Tensor | None = None, **options) -> Tensor:
     """Neighbour counts of every x in `xs` among `xs` itself. `(N, ...) -> (N,)`.
 
-    The soft estimate goes through `soft_density` (no N x N matrix); hard and positive-only
-    counts need the `(N, N)` k^C matrix (streamed by `similarity`, O(N^2) memory).
+    No N x N matrix is held: the soft estimate goes through `soft_density`; the hard and
+    positive-only counts stream the blocks of k^C (`kernel.similarity_blocks`, the upper block
+    triangle) and fold each into per-row counts. Memory O(max_block_bytes + N).
+
+    Args:
+        estimator: "hard" (N_tau), "soft" (N_S) or "positive" (N_alpha^+); see the module.
+        tau: threshold of the hard count, in [0, 1].
+        alpha: exponent of the positive count, > 0.
+        output_fn, targets: see `per_sample_grads`.
+        **options: for "soft", those of `soft_density` (chunk_size, rtol, on_zero, method,
+            process_group); otherwise those of `similarity` (also max_block_bytes, progress).
+            Anything else is a TypeError.
     """
+    check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "soft":
-        shared = {k: v for k, v in similarity_kwargs.items() if k in _SOFT_DENSITY_OPTIONS}
-        return soft_density(model, xs, output_fn=output_fn, targets=targets, **shared)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        check_keywords(options, _SOFT_DENSITY_OPTIONS, "neighbour_counts(estimator='soft')")
+        return soft_density(model, xs, output_fn=output_fn, targets=targets, **options)
+    check_keywords(options, _MATRIX_OPTIONS, f"neighbour_counts(estimator={estimator!r})")
     _check_tau(tau) if estimator == "hard" else _check_alpha(alpha)
-    kc = similarity(model, xs, kind="correlation", output_fn=output_fn, x_targets=targets,
-                    **similarity_kwargs)
-    return counts_from_kernel(kc, estimator, tau=tau, alpha=alpha)
+    group = options.pop("process_group", None)
+    if group is None:
+        return _streamed_counts(model, xs, None, targets, 0, estimator, tau, alpha, output_fn, options)
+    # each rank counts the rows of its shard against every sample; rows all-gathered
+    check_model(model)
+    check_batch(model, xs, targets, name="xs")
+    rows = shard(len(xs), group)
+    if rows.start < rows.stop:
+        local = _streamed_counts(model, xs[rows], xs, None if targets is None else targets[rows], rows.start,
+                                 estimator, tau, alpha, output_fn, options, targets)
+    else:
+        local = xs.new_zeros(0, dtype=next(iter(trainable_parameters(model).values())).dtype)
+    return gather_rows(local, len(xs), group)
+
+
+def _streamed_counts(model, queries: Tensor, samples: Tensor | None, query_targets, offset: int, estimator: str,
+                     tau: float, alpha: float, output_fn, options: dict, sample_targets=None) -> Tensor:
+    """Counts of `queries` (rows `offset`... of the samples) among `samples` (None: the
+    queries themselves, symmetric blocks), from streamed k^C blocks."""
+    counts = None
+    blocks = similarity_blocks(model, queries, samples, kind="correlation", reduce="trace", output_fn=output_fn,
+                               x_targets=query_targets, y_targets=sample_targets, **options)
+    for rows, cols, block, mirrored in blocks:
+        if counts is None:
+            counts = block.new_zeros(len(queries))
+        own = (torch.arange(rows.start, rows.stop, device=block.device)[:, None] + offset
+               == torch.arange(cols.start, cols.stop, device=block.device)[None, :])
+        counts[rows] += _row_counts(block, ~own, estimator, tau, alpha)
+        if mirrored:
+            counts[cols] += _row_counts(block.T, ~own.T, estimator, tau, alpha)
+    return counts
 
 
 def _normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> Tensor:
     """`(n, d, d)` left factors K(x,x)^-1/2 / sqrt(rank), so that k^C(x, x') becomes the plain
     Frobenius product <Q_x, Q_x'> of Q = factor J."""
     factor, rank = left_factor(rep, "correlation", rtol, on_zero, offset, engine)
-    scale = torch.where(rank > 0, rank.to(factor.dtype).clamp_min(1).rsqrt(), torch.zeros_like(rank, dtype=factor.dtype))
+    scale = torch.where(rank > 0, rank.to(factor.dtype).clamp_min(1).rsqrt(),
+                        torch.zeros_like(rank, dtype=factor.dtype))
     return factor * scale[:, None, None]
 
 
@@ -155,7 +212,12 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
 
     Returns:
         `(N,)` soft counts.
+
+    Raises:
+        ZeroGradientError: samples with a zero gradient, unless `on_zero="zero"`.
+        NonFiniteError: samples with NaN or infinite inputs, outputs or gradients.
     """
+    check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol, on_zero, method)
     same = reference is None
     if same:
         reference, reference_targets = xs, targets
@@ -190,6 +252,22 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
             counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
     local = torch.cat(counts) if counts else xs.new_zeros(0)
     return local if process_group is None else gather_rows(local, len(xs), process_group)
+
+
+def check_soft_density_call(model: nn.Module, xs: Tensor, reference: Tensor | None, targets: Tensor | None,
+                            reference_targets: Tensor | None, chunk_size: int | None, rtol: float | None,
+                            on_zero: str, method: str) -> None:
+    """Every check of `soft_density`'s arguments that needs no forward pass."""
+    check_choice("on_zero", on_zero, ON_ZERO)
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, optional=True)
+    check_rtol(rtol)
+    check_model(model)
+    check_batch(model, xs, targets, name="xs")
+    if reference is not None:
+        check_batch(model, reference, reference_targets, name="reference", targets_name="reference_targets")
+    elif reference_targets is not None:
+        raise ValueError("reference_targets was given without reference: pass targets alone when reference is None")
 
 
 def _chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:

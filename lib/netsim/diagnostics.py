@@ -28,10 +28,27 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import check_batch, check_choice, check_keywords, check_model, check_positive_int, check_rtol
 from .density import soft_count
-from .engine import engine_for
-from .grads import OutputFn, output_dim, trainable_parameters
+from .engine import METHODS, engine_for
+from .grads import OutputFn, output_dim, reduced_outputs, trainable_parameters
 from .kernel import DEFAULT_BLOCK_BYTES, default_rtol
+
+
+def _check_call(model: nn.Module, xs: Tensor, targets: Tensor | None, *, chunk_size=None, method: str = "auto",
+                other: Tensor | None = None, other_targets: Tensor | None = None, other_name: str = "reference",
+                max_block_bytes: int = DEFAULT_BLOCK_BYTES, rtol=None) -> None:
+    """The checks every function here runs before the model does."""
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, optional=True)
+    check_positive_int("max_block_bytes", max_block_bytes)
+    check_rtol(rtol)
+    check_model(model)
+    check_batch(model, xs, targets, name="xs")
+    if other is not None:
+        check_batch(model, other, other_targets, name=other_name, targets_name=f"{other_name}_targets")
+    elif other_targets is not None:
+        raise ValueError(f"{other_name}_targets was given without {other_name}")
 
 
 def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
@@ -50,6 +67,8 @@ def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None
         ValueError: where sum_x' k^I(x, x') <= 0 (the quick approximation of the paper is then
             meaningless: the total disturbance is sum |k^I|, not sum k^I).
     """
+    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=reference,
+                other_targets=reference_targets)
     if reference is None:
         reference, reference_targets = xs, targets
     engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
@@ -156,8 +175,14 @@ def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Ten
     Raises:
         SingularKernelSumError: naming the queries where sum_j K(x, x_j) is singular.
     """
+    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=queries,
+                other_targets=query_targets, other_name="query", rtol=rtol)
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a tensor, got {type(values).__name__}")
     d = output_dim(model, xs, output_fn, targets)
     values, several = _as_value_sets(values, xs.shape[0], d)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("values has NaN or infinite entries")
     if queries is None:
         queries, query_targets = xs, targets
     engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
@@ -280,9 +305,8 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
         >>> sums.total.shape, sums.averages()["a"].shape, bool((sums.denoising_factor() >= 20 ** -0.5 - 1e-6).all())
         (torch.Size([20, 2, 2]), torch.Size([20, 2]), True)
     """
+    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, max_block_bytes=max_block_bytes)
     n = xs.shape[0]
-    if n == 0:
-        raise ValueError("xs is empty: nothing to sum over")
     d = output_dim(model, xs, output_fn, targets)
     vals = _value_dict(values, n, d)
     symmetric = query_index is None
@@ -411,14 +435,11 @@ class SelfDenoising:
 def predictions(model: nn.Module, xs: Tensor, *, output_fn: OutputFn | None = None,
                 targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
     """`(N, d)` the (reduced) outputs f(x) whose gradients define the kernels, without gradients."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, xs.shape[0], batch_size):
-            o = model(xs[start:start + batch_size])
-            if output_fn is not None:
-                o = output_fn(o) if targets is None else output_fn(o, targets[start:start + batch_size])
-            out.append(o.unsqueeze(1) if o.ndim == 1 else o)
-    return torch.cat(out)
+    check_positive_int("batch_size", batch_size)
+    _check_call(model, xs, targets)
+    return torch.cat([reduced_outputs(model, xs[s:s + batch_size], output_fn,
+                                      None if targets is None else targets[s:s + batch_size])
+                      for s in range(0, xs.shape[0], batch_size)])
 
 
 def self_denoising(model: nn.Module, xs: Tensor, *, true: Tensor, noisy: Tensor,
@@ -446,6 +467,8 @@ def self_denoising(model: nn.Module, xs: Tensor, *, true: Tensor, noisy: Tensor,
     Raises:
         SingularKernelSumError: naming the queries where sum_j K_ij is singular.
     """
+    check_keywords(kernel_sums_kwargs, ("chunk_size", "max_block_bytes", "method", "progress"), "self_denoising")
+    _check_call(model, xs, targets, rtol=rtol, **{k: v for k, v in kernel_sums_kwargs.items() if k != "progress"})
     n = xs.shape[0]
     d = output_dim(model, xs, output_fn, targets)
     if predicted is None:

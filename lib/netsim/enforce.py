@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .checks import NonFiniteError, buffers_restored_on_error, check_batch, check_choice
 from .grads import OutputFn, trainable_parameters
 
 CRITERIA = ("paper", "neg_cos", "pos_cos")
@@ -35,8 +36,7 @@ def group_criterion(mu1: Tensor, mu2: Tensor, n_b: int, criterion: str = "paper"
     Raises:
         ValueError: unknown criterion.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    check_choice("criterion", criterion, CRITERIA)
     n1, n2 = mu1.norm(), mu2.norm()
     if criterion == "paper":
         return n_b * (mu1 - mu2).pow(2).sum() / (n1 * n2)
@@ -49,34 +49,50 @@ def batch_mean_gradient(model: nn.Module, inputs: Tensor, output_fn: OutputFn | 
     """mu = grad_theta (1/n) sum_i f(x_i), flat `(p,)`, kept in the graph (create_graph=True).
 
     Args:
-        model: the network being trained.
+        model: the network being trained (training mode allowed: BatchNorm then uses the
+            batch's statistics and updates its running ones, as in any training step; a call
+            that raises puts the running statistics back).
         inputs: `(n, ...)` one mini-batch.
         output_fn: maps the raw output batch to `(n, 1)` or `(n,)` (d = 1), called with targets
             when given.
+
+    Raises:
+        ValueError: an output that is not one scalar per sample; a zero batch-mean gradient.
+        NonFiniteError: a NaN or infinite batch-mean gradient.
     """
     params = list(trainable_parameters(model).values())
-    out = model(inputs)
-    if output_fn is not None:
-        out = output_fn(out) if targets is None else output_fn(out, targets)
-    if out.ndim == 2 and out.shape[1] == 1:
-        out = out[:, 0]
-    if out.ndim != 1 or out.shape[0] != inputs.shape[0]:
-        raise ValueError(f"enforcing criteria need one scalar output per sample (d = 1), got {tuple(out.shape)}; "
-                         "binarise a classifier with netsim.outputs.class_vs_rest")
-    grads = torch.autograd.grad(out.mean(), params, create_graph=True, allow_unused=True)
-    mu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-    if not bool(mu.detach().any()):
-        raise ValueError("the batch-mean gradient is zero: the criteria compare gradient directions")
+    check_batch(model, inputs, targets)
+    with buffers_restored_on_error(model):
+        out = model(inputs)
+        if output_fn is not None:
+            out = output_fn(out) if targets is None else output_fn(out, targets)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the model (after output_fn) returned a {type(out).__name__}: pass output_fn mapping "
+                            "it to one scalar per sample")
+        if out.ndim == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        if out.ndim != 1 or out.shape[0] != inputs.shape[0]:
+            raise ValueError(f"enforcing criteria need one scalar output per sample (d = 1), got "
+                             f"{tuple(out.shape)}; binarise a classifier with netsim.outputs.class_vs_rest")
+        grads = torch.autograd.grad(out.mean(), params, create_graph=True, allow_unused=True)
+        mu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+        if not bool(torch.isfinite(mu.detach()).all()):
+            raise NonFiniteError({"batch-mean gradient": list(range(inputs.shape[0]))})
+        if not bool(mu.detach().any()):
+            raise ValueError("the batch-mean gradient is zero: the criteria compare gradient directions")
     return mu
 
 
 def pair_loss(model: nn.Module, x1: Tensor, x2: Tensor, *, output_fn: OutputFn | None = None,
               targets1: Tensor | None = None, targets2: Tensor | None = None) -> Tensor:
     """-k^C(x1, x2) for one pair of single inputs `(1, ...)`, differentiable w.r.t. the parameters."""
+    for x in (x1, x2):
+        check_batch(model, x)
     if x1.shape[0] != 1 or x2.shape[0] != 1:
         raise ValueError("pair_loss compares two single inputs: pass (1, ...) tensors")
-    g1 = batch_mean_gradient(model, x1, output_fn, targets1)
-    g2 = batch_mean_gradient(model, x2, output_fn, targets2)
+    with buffers_restored_on_error(model):
+        g1 = batch_mean_gradient(model, x1, output_fn, targets1)
+        g2 = batch_mean_gradient(model, x2, output_fn, targets2)
     return group_criterion(g1, g2, 1, "neg_cos")
 
 
@@ -90,8 +106,12 @@ def group_loss(model: nn.Module, batch1: Tensor, batch2: Tensor, *, criterion: s
         >>> loss = group_loss(net, torch.randn(3, 4), torch.randn(3, 4))
         >>> loss.backward()          # double backprop: gradients of a function of gradients
     """
+    check_choice("criterion", criterion, CRITERIA)
+    for batch in (batch1, batch2):
+        check_batch(model, batch)
     if batch1.shape[0] != batch2.shape[0]:
         raise ValueError(f"the two batches must have the same size n_B, got {batch1.shape[0]} and {batch2.shape[0]}")
-    mu1 = batch_mean_gradient(model, batch1, output_fn, targets1)
-    mu2 = batch_mean_gradient(model, batch2, output_fn, targets2)
+    with buffers_restored_on_error(model):  # the first batch's forward must not stay if the second fails
+        mu1 = batch_mean_gradient(model, batch1, output_fn, targets1)
+        mu2 = batch_mean_gradient(model, batch2, output_fn, targets2)
     return group_criterion(mu1, mu2, batch1.shape[0], criterion)

@@ -13,8 +13,12 @@ which both engines implement with identical results (tested against each other):
     summed(R)             sum over samples of J                S (d rows of p)
     dot_with_sums(R, S)   J(x) S^T                             (n, d, d_S)
 
+    max_abs(R)            largest |entry| of each sample's J     (n,)  (a scale, up to a factor)
+
 `engine_for(model, ..., method="auto")` picks the layer-wise engine when the model's structure
-allows it (see `layerwise.factorise`) and the Jacobian engine otherwise.
+allows it (see `layerwise.factorise`) and the Jacobian engine otherwise. Both engines raise
+`NonFiniteError` for a chunk with NaN or infinite gradients, indices counted within `chunks`'
+inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layerwise
+from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int
 from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, trainable_parameters
 
 METHODS = ("auto", "layerwise", "jacobian")
@@ -36,6 +41,7 @@ class JacobianEngine:
     name = "jacobian"
 
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None):
+        check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or DEFAULT_CHUNK
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
@@ -74,6 +80,10 @@ class JacobianEngine:
         return (rx.reshape(nx * d, p) @ ry.reshape(ny * d, p).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
 
     @staticmethod
+    def max_abs(rep: Tensor) -> Tensor:
+        return rep.abs().amax((1, 2))
+
+    @staticmethod
     def summed(rep: Tensor) -> list[Tensor]:
         return [rep.sum(0)]
 
@@ -109,18 +119,27 @@ class LayerwiseEngine:
     chunk_bytes = 16 * 2**20
 
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
-                 probe: list | None = None):
+                 probe: list | None = None, copy_records: bool | None = None):
+        check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn = model, output_fn
         # The one-sample probe that selected this engine: its size per sample, and its layout
         # (layer kinds, parameter names), which `tangent` maps sums back to parameters with.
         self._template = probe
+        # Whether the forward modifies recorded tensors in place (found by the probe): this
+        # engine's chunks then record copies from the start, without a second forward.
+        self.copy_records = copy_records
         self.sample_bytes = sum(t.numel() * t.element_size() for t in _tensors(probe)) if probe else 0
         self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, inputs.shape[0], self.chunk):
             sub = None if targets is None else targets[start:start + self.chunk]
-            yield start, layerwise.factorise(self.model, inputs[start:start + self.chunk], self.output_fn, sub)
+            try:
+                factors, self.copy_records = layerwise.factorise_layout(
+                    self.model, inputs[start:start + self.chunk], self.output_fn, sub, copy=self.copy_records)
+            except NonFiniteError as error:
+                raise error.shifted(start) from None
+            yield start, factors
 
     def tangent(self, sums: list, row: int) -> dict[str, Tensor]:
         """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
@@ -166,6 +185,19 @@ class LayerwiseEngine:
     def gram(rx: list, ry: list, trace: bool) -> Tensor:
         return layerwise.gram(rx, ry, trace=trace)  # the engine interface takes trace positionally
 
+    @staticmethod
+    def max_abs(rep: list) -> Tensor:
+        """Per sample, the largest |entry| of the dense blocks and max|Delta| max(max|X|, 1) of the
+        factored layers: within a factor of (input width) of the Jacobian's largest entry."""
+        out = None
+        for f in rep:
+            if isinstance(f, layerwise.DenseFactors):
+                m = f.grads.abs().amax((1, 2))
+            else:
+                m = f.delta.abs().amax((1, 2)) * f.x.abs().amax(1).clamp_min(1.0)
+            out = m if out is None else torch.maximum(out, m)
+        return out
+
 
 def _tensors(factors: list) -> list[Tensor]:
     return [t for f in factors for t in ((f.grads,) if isinstance(f, layerwise.DenseFactors) else (f.x, f.delta))]
@@ -175,17 +207,23 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
                targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto"):
     """The engine to use for this model: layer-wise when `factorise` accepts it (auto), or as asked.
 
+    The probe factorises the first sample (a forward and d backward passes on it), after the
+    model and the batch have been checked.
+
     Raises:
         ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
+    check_model(model)
+    check_batch(model, inputs, targets)
+    check_positive_int("chunk_size", chunk_size, optional=True)
     if method == "jacobian":
         return JacobianEngine(model, output_fn, chunk_size)
     try:
-        probe = layerwise.factorise(model, inputs[:1], output_fn, None if targets is None else targets[:1])
+        probe, copy = layerwise.factorise_layout(model, inputs[:1], output_fn,
+                                                 None if targets is None else targets[:1])
     except layerwise.UnsupportedModel:
         if method == "layerwise":
             raise
         return JacobianEngine(model, output_fn, chunk_size)
-    return LayerwiseEngine(model, output_fn, chunk_size, probe)
+    return LayerwiseEngine(model, output_fn, chunk_size, probe, copy)

@@ -15,13 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from .checks import as_output_matrix, check_inputs, check_model_mode
+from .checks import NonFiniteError, as_output_matrix, check_batch, check_model, check_positive_int, nonfinite_rows
 
 OutputFn = Callable[..., Tensor]
 
 #: Default number of samples per vmap call: large enough to amortise Python overhead,
 #: small enough that `chunk_size * d * p` floats stay modest for ~1M-parameter models.
 DEFAULT_CHUNK = 64
+
 
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     """The parameters the kernels differentiate against: those with `requires_grad=True`.
@@ -45,12 +46,38 @@ def num_parameters(model: nn.Module) -> int:
 
 def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
                targets: Tensor | None = None) -> int:
-    """d, the output dimension after `output_fn`, read from a forward pass on one sample."""
+    """d, the output dimension after `output_fn`, read from a forward pass on one sample
+    (after `check_model` and `check_batch`: a refused model is never run)."""
+    check_model(model)
+    check_batch(model, inputs, targets)
+    return reduced_outputs(model, inputs[:1], output_fn, None if targets is None else targets[:1]).shape[1]
+
+
+def reduced_outputs(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+                    targets: Tensor | None = None) -> Tensor:
+    """`(n, d)` output_fn(model(inputs)) without gradients (the caller has checked the model)."""
     with torch.no_grad():
-        out = model(inputs[:1])
+        out = model(inputs)
         if output_fn is not None:
-            out = output_fn(out) if targets is None else output_fn(out, targets[:1])
-    return as_output_matrix(out, 1).shape[1]
+            out = output_fn(out) if targets is None else output_fn(out, targets)
+    return as_output_matrix(out, inputs.shape[0])
+
+
+def nonfinite_error(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None, targets: Tensor | None,
+                    bad: Tensor, offset: int = 0) -> NonFiniteError:
+    """The `NonFiniteError` for the samples `bad` (`(n,)` bool over `inputs`) whose gradients are
+    non-finite, each blamed on the first stage that is: its input, its output, or its gradient.
+    Runs the model on those samples only (no gradients; the model is in eval mode)."""
+    rows = torch.nonzero(bad.cpu()).flatten()
+    x = inputs[rows.to(inputs.device)]
+    in_bad = nonfinite_rows(x).cpu() if x.is_floating_point() else torch.zeros(len(rows), dtype=torch.bool)
+    out_bad = torch.zeros_like(in_bad)
+    if not bool(in_bad.all()):
+        sub = None if targets is None else targets[rows.to(targets.device)]
+        out_bad = nonfinite_rows(reduced_outputs(model, x, output_fn, sub)).cpu() & ~in_bad
+    grad_bad = ~(in_bad | out_bad)
+    return NonFiniteError({stage: (rows[mask] + offset).tolist() for stage, mask in
+                           (("inputs", in_bad), ("outputs", out_bad), ("gradients", grad_bad))})
 
 
 def _functional_output(model: nn.Module, output_fn: OutputFn | None):
@@ -100,15 +127,18 @@ def iter_jacobians(
         inputs: `(N, ...)` batch, on the model's device.
         output_fn: maps the raw output batch to `(B, d)`; called as `output_fn(out)` or, when
             `targets` is given, `output_fn(out, targets_batch)`.
-        chunk_size: samples per vmap call (default `DEFAULT_CHUNK`).
+        chunk_size: samples per vmap call (default `DEFAULT_CHUNK`); the last chunk may be shorter.
         targets: optional `(N, ...)` per-sample side information for `output_fn` (class labels).
+
+    Raises:
+        NonFiniteError: samples whose Jacobian holds NaN or inf (blamed on their input, output
+            or gradient), when their chunk is reached.
     """
+    check_model(model)
+    check_batch(model, inputs, targets)
+    check_positive_int("chunk_size", chunk_size, optional=True)
     params = trainable_parameters(model)
-    check_model_mode(model)
-    check_inputs(model, inputs, targets)
     chunk = chunk_size or DEFAULT_CHUNK
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk}")
     # jacrev differentiates w.r.t. these detached copies, so no graph reaches the model.
     detached = {n: p.detach() for n, p in params.items()}
     jac = _single_sample_jacobian(model, output_fn, targets is not None)
@@ -118,7 +148,11 @@ def iter_jacobians(
         args = (detached, x) if targets is None else (detached, x, targets[start:start + chunk])
         per_param = batched(*args)
         n, d = x.shape[0], next(iter(per_param.values())).shape[1]
-        yield start, torch.cat([per_param[name].reshape(n, d, -1) for name in params], dim=2)
+        J = torch.cat([per_param[name].reshape(n, d, -1) for name in params], dim=2)
+        bad = nonfinite_rows(J)
+        if bool(bad.any()):
+            raise nonfinite_error(model, x, output_fn, None if targets is None else args[2], bad, start)
+        yield start, J
 
 
 def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], output_fn: OutputFn | None = None,
@@ -129,17 +163,31 @@ def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], out
     gradient. The rows of J(x) v are the dot products of the per-sample gradients with v.
 
     Args:
-        tangent: {name: tensor} for every trainable parameter (the direction v).
+        tangent: {name: tensor} for every trainable parameter (the direction v), each of its
+            parameter's shape, dtype and device.
 
     Returns:
         `(n, d)`.
+
+    Raises:
+        NonFiniteError: samples whose J(x) v is NaN or inf.
     """
+    check_model(model)
+    check_batch(model, inputs, targets)
     params = trainable_parameters(model)
-    if set(tangent) != set(params):
-        raise ValueError("the tangent must give a direction for every trainable parameter")
+    if not isinstance(tangent, dict) or set(tangent) != set(params):
+        raise ValueError("the tangent must be a dict giving a direction for every trainable parameter (and no other)")
+    for name, p in params.items():
+        t = tangent[name]
+        if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            raise ValueError(f"tangent[{name!r}] must be a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}")
     output = _functional_output(model, output_fn)
     primals = {k: v.detach() for k, v in params.items()}
-    return torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
+    jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
+    bad = nonfinite_rows(jv)
+    if bool(bad.any()):
+        raise nonfinite_error(model, inputs, output_fn, targets, bad)
+    return jv
 
 
 def per_sample_grads(

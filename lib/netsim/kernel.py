@@ -24,19 +24,39 @@ Singular self-kernels: a classifier's -log p outputs have Jacobians with a left 
 (sum_c p_c grad log p_c = 0), so K(x, x) has rank <= d - 1. Inverse (square) roots are taken
 on the range of K(x, x) (eigenvalues above `rtol * largest` are kept), i.e. pseudo-inverses.
 A sample whose gradient is zero has no direction at all: that is an error, unless the caller
-opts in to `on_zero="zero"`, which gives it similarity 0 to everything.
+opts in to `on_zero="zero"`, which gives it similarity 0 to everything. NaN or infinite
+gradients are a different error (`NonFiniteError`), whatever `on_zero` says.
+
+Exact edges: k^C is clamped to [-1, 1] (Cauchy-Schwarz; rounding can exceed it by an ulp),
+and in a symmetric call (`ys=None`) k^C(x, x) is exactly 1 for "trace" and "rot", and exactly
+the identity for "none" when K(x, x) has full rank.
+
+Scale: k^C and k^N do not change when the outputs are multiplied by a constant. Self-kernels
+that would overflow or lose precision to underflow (outputs scaled by ~1e+-15 and beyond in
+float32) are computed from Jacobians divided per sample by a power of two, which is exact; in
+the ordinary range nothing is rescaled and the results are bit for bit those of the plain formulas.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import (
+    NonFiniteError,
+    check_batch,
+    check_choice,
+    check_model,
+    check_positive_int,
+    check_rtol,
+    nonfinite_rows,
+)
 from .distributed import gather_rows, shard
-from .engine import JacobianEngine, engine_for
+from .engine import METHODS, JacobianEngine, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
 
 KINDS = ("inner", "influence", "correlation")
@@ -60,14 +80,29 @@ class ZeroGradientError(ValueError):
         )
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def default_rtol(dtype: torch.dtype, d: int) -> float:
     """Relative eigenvalue cut-off that separates a numerically zero eigenvalue of J J^T."""
     return 100.0 * d * torch.finfo(dtype).eps
+
+
+def _scaled_self_gram(rep, engine) -> tuple[object, Tensor, Tensor | None]:
+    """`(rep', K', inv)`: the self-kernels K' = J' J'^T of J' = inv J, where `inv` `(n,)` holds
+    powers of two (exact scaling) for the samples whose K(x, x) would overflow or underflow,
+    ones elsewhere; `rep' = rep`, `K' = K` and `inv = None` when no sample needs it (the
+    ordinary case: no extra work, no change in the numbers)."""
+    k_self = engine.self_gram(rep)
+    trace = k_self.diagonal(dim1=-2, dim2=-1).sum(-1)
+    finfo = torch.finfo(k_self.dtype)
+    # Products of entries below sqrt(tiny / eps^2) lose digits to subnormals; inf is overflow.
+    outside = ~torch.isfinite(trace) | ((trace > 0) & (trace < finfo.tiny / finfo.eps ** 2))
+    if not bool(outside.any()):
+        return rep, k_self, None
+    largest = engine.max_abs(rep).double()
+    exponent = torch.where(outside & (largest > 0), torch.floor(torch.log2(largest)), torch.zeros_like(largest))
+    inv = torch.exp2(-exponent).to(k_self.dtype)
+    n, d = k_self.shape[:2]
+    scaled = engine.transform(rep, torch.diag_embed(inv[:, None].expand(n, d)))
+    return scaled, engine.self_gram(scaled), inv
 
 
 def psd_power(k_self: Tensor, power: float, rtol: float | None = None) -> tuple[Tensor, Tensor]:
@@ -95,9 +130,19 @@ def psd_power(k_self: Tensor, power: float, rtol: float | None = None) -> tuple[
     return out.to(k_self.dtype), keep.sum(-1)
 
 
+def _normalisation(rep, kind: str, rtol: float | None, on_zero: str, offset: int, engine):
+    """`(rep', factor', rank, inv)` from `_scaled_self_gram`: factor' is K'^-1/2 (correlation) or
+    K'^+ (influence) of the (possibly rescaled) Jacobians rep'; rank `(n,)` is rank K(x, x)."""
+    rep, k_self, inv = _scaled_self_gram(rep, engine)
+    factor, rank = psd_power(k_self, -0.5 if kind == "correlation" else -1.0, rtol)
+    if on_zero == "raise" and bool((rank == 0).any()):
+        raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
+    return rep, factor, rank, inv
+
+
 def left_factor(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
                 engine=JacobianEngine) -> tuple[Tensor | None, Tensor]:
-    """The normalisation of one side's Jacobians, the one place it is computed.
+    """The normalisation of one side's Jacobians, as a left factor of the unscaled Jacobians.
 
     Returns `(factor, rank)`: factor `(n, d, d)` is K(x,x)^-1/2 (correlation) or K(x,x)^+
     (influence), None for inner (no normalisation); rank `(n,)` is rank K(x, x) (d for inner).
@@ -108,18 +153,24 @@ def left_factor(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
     if kind == "inner":
         n, d = engine.shape(rep)
         return None, torch.full((n,), d)
-    factor, rank = psd_power(engine.self_gram(rep), -0.5 if kind == "correlation" else -1.0, rtol)
-    if on_zero == "raise" and bool((rank == 0).any()):
-        raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
+    _, factor, rank, inv = _normalisation(rep, kind, rtol, on_zero, offset, engine)
+    if inv is not None:  # K(x,x)^p = s^(2p) K'^p with s = 1 / inv
+        factor = factor * (inv if kind == "correlation" else inv * inv)[:, None, None]
     return factor, rank
 
 
 def _prepare(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
              engine=JacobianEngine) -> tuple[object, Tensor]:
     """`(Q, rank)`: Q = K(x,x)^-1/2 J (correlation), K(x,x)^+ J (influence) or J (inner), in the
-    engine's representation (`(n, d, p)` by default); see `left_factor`."""
-    factor, rank = left_factor(rep, kind, rtol, on_zero, offset, engine)
-    return (rep if factor is None else engine.transform(rep, factor)), rank
+    engine's representation (`(n, d, p)` by default); see `left_factor`. Rescaled samples are
+    normalised from their rescaled Jacobians (Q is unchanged by the scale for correlation and
+    shrinks by it for influence), so no factor leaves the floating-point range."""
+    if kind == "inner":
+        return rep, left_factor(rep, kind, rtol, on_zero, offset, engine)[1]
+    rep, factor, rank, inv = _normalisation(rep, kind, rtol, on_zero, offset, engine)
+    if inv is not None and kind == "influence":
+        factor = factor * inv[:, None, None]
+    return engine.transform(rep, factor), rank
 
 
 def _block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
@@ -152,14 +203,31 @@ def _reduce(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: Tenso
         norm = rank_x.double().unsqueeze(1).expand(-1, rank_y.shape[0])
     norm = norm.to(block)  # dtype and device: the ranks may live on the CPU
     # A zero norm only occurs for samples given similarity 0 by on_zero="zero".
-    return torch.where(norm > 0, block / norm.clamp_min(1), torch.zeros_like(block))
+    out = torch.where(norm > 0, block / norm.clamp_min(1), torch.zeros_like(block))
+    return out.clamp_(-1.0, 1.0) if kind == "correlation" else out
 
 
-def _validate(kind: str, reduce: str, on_zero: str, d: int) -> None:
-    _check_choice("kind", kind, KINDS)
-    _check_choice("reduce", reduce, REDUCTIONS)
-    _check_choice("on_zero", on_zero, ON_ZERO)
-    if reduce == "rot" and d != 2:
+def _exact_self(block: Tensor, kind: str, reduce: str, rank: Tensor) -> Tensor:
+    """Sets k^C(x, x) on the diagonal of a symmetric diagonal block to its exact value: 1 for
+    the reductions, the identity for "none" where K(x, x) has full rank (in place)."""
+    if kind != "correlation":
+        return block
+    idx = torch.arange(block.shape[0], device=block.device)
+    rank = rank.to(block.device)
+    if reduce == "none":
+        d = block.shape[-1]
+        full = rank == d
+        block[idx[full], idx[full]] = torch.eye(d, dtype=block.dtype, device=block.device)
+    else:
+        block[idx, idx] = (rank > 0).to(block.dtype)
+    return block
+
+
+def _validate(kind: str, reduce: str, on_zero: str, d: int | None = None) -> None:
+    check_choice("kind", kind, KINDS)
+    check_choice("reduce", reduce, REDUCTIONS)
+    check_choice("on_zero", on_zero, ON_ZERO)
+    if reduce == "rot" and d is not None and d != 2:
         raise ValueError(f"reduce='rot' is the rotation-invariant kernel of 2-D outputs; here d = {d}")
 
 
@@ -190,12 +258,23 @@ def similarity_from_jacobians(
     Returns:
         `(N, M)` for reduce "trace"/"rot", `(N, M, d, d)` for "none".
     """
+    for name, J in (("Jx", Jx), ("Jy", Jy)):
+        if J is not None and not isinstance(J, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (N, d, p), got {type(J).__name__}")
     if Jx.ndim != 3 or (Jy is not None and (Jy.ndim != 3 or Jy.shape[1:] != Jx.shape[1:])):
         raise ValueError("Jacobians must be (N, d, p) with matching d and p")
+    if Jx.shape[0] == 0 or (Jy is not None and Jy.shape[0] == 0):
+        raise ValueError("Jacobians must hold at least one sample")
     _validate(kind, reduce, on_zero, Jx.shape[1])
+    check_rtol(rtol)
+    for name, J in (("Jx", Jx), ("Jy", Jy)):
+        bad = None if J is None else nonfinite_rows(J)
+        if bad is not None and bool(bad.any()):
+            raise NonFiniteError({f"gradients ({name})": torch.nonzero(bad).flatten().tolist()})
     Qx, rank_x = _prepare(Jx, kind, rtol, on_zero, 0)
     Qy, rank_y = _prepare_columns(Jx if Jy is None else Jy, kind, rtol, on_zero, 0)
-    return _reduce(_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
+    out = _reduce(_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
+    return _exact_self(out, kind, reduce, rank_x) if Jy is None else out
 
 
 def _prepared_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int) -> tuple[object, Tensor]:
@@ -216,6 +295,105 @@ def _transpose_block(block: Tensor, reduce: str) -> Tensor:
     """k(y, x) from k(x, y) for the symmetric kinds: K^C(x', x) = K^C(x, x')^T."""
     block = block.transpose(0, 1)
     return block.transpose(-1, -2) if reduce == "none" else block
+
+
+def check_similarity_call(model: nn.Module, xs: Tensor, ys: Tensor | None, *, kind: str, reduce: str,
+                          x_targets: Tensor | None, y_targets: Tensor | None, chunk_size: int | None,
+                          max_block_bytes: int, rtol: float | None, on_zero: str, method: str) -> None:
+    """Every check of `similarity`'s arguments that needs no forward pass (the model is not run)."""
+    _validate(kind, reduce, on_zero)
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, optional=True)
+    check_positive_int("max_block_bytes", max_block_bytes)
+    check_rtol(rtol)
+    check_model(model)
+    check_batch(model, xs, x_targets, name="xs", targets_name="x_targets")
+    if ys is not None:
+        check_batch(model, ys, y_targets, name="ys", targets_name="y_targets")
+    elif y_targets is not None:
+        raise ValueError("y_targets was given without ys: pass x_targets alone when ys is None")
+
+
+def similarity_blocks(
+    model: nn.Module,
+    xs: Tensor,
+    ys: Tensor | None = None,
+    *,
+    kind: str = "correlation",
+    reduce: str = "trace",
+    output_fn: OutputFn | None = None,
+    x_targets: Tensor | None = None,
+    y_targets: Tensor | None = None,
+    chunk_size: int | None = None,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    rtol: float | None = None,
+    on_zero: str = "raise",
+    method: str = "auto",
+    progress: bool = False,
+) -> Iterator[tuple[slice, slice, Tensor, bool]]:
+    """The blocks of `similarity`, one at a time: for consumers that reduce the kernel on the fly
+    (neighbour counts) and never hold the `(N, M)` matrix.
+
+    Arguments as in `similarity` (checked at once, before the model runs). Yields
+    `(rows, cols, block, mirrored)`: `block` is k(xs[rows], ys[cols]), `(b, c)` or `(b, c, d, d)`.
+    In a symmetric call (`ys=None`, kind not "influence") only the upper block triangle is
+    computed: `mirrored` blocks also stand for their transposes at `(cols, rows)`. Every entry
+    of the matrix is covered exactly once. Memory: one row block of Jacobians and one block.
+    """
+    check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
+                          chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
+                          method=method)
+    d = output_dim(model, xs, output_fn, x_targets)
+    _validate(kind, reduce, on_zero, d)
+    return _blocks(model, xs, ys, kind, reduce, output_fn, x_targets, y_targets, chunk_size, max_block_bytes,
+                   rtol, on_zero, method, progress, d)
+
+
+def _blocks(model, xs, ys, kind, reduce, output_fn, x_targets, y_targets, chunk_size, max_block_bytes,
+            rtol, on_zero, method, progress, d):
+    symmetric = ys is None and kind != "influence"
+    if ys is None:
+        ys, y_targets = xs, x_targets
+    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
+    n, m = xs.shape[0], ys.shape[0]
+    first = next(iter(trainable_parameters(model).values()))
+    per_sample = engine.bytes_per_sample(d, first.element_size())
+    # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
+    # (rows x rows on the diagonal): both must fit the budget.
+    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
+    rows_per_block = max(engine.chunk, min(max_block_bytes // max(per_sample, 1), square))
+    n_blocks = math.ceil(n / rows_per_block)
+    columns_total = sum(m - (b * rows_per_block if symmetric else 0) for b in range(n_blocks))
+    bar = tqdm(total=n + columns_total, desc=f"k^{kind}", unit="sample", disable=not progress)
+
+    def chunks(inputs, targets, start, stop):
+        if start >= stop:
+            return
+        sub = None if targets is None else targets[start:stop]
+        try:
+            for s, rep in engine.chunks(inputs[start:stop], sub):
+                bar.update(engine.size(rep))
+                yield start + s, rep
+        except NonFiniteError as error:
+            raise error.shifted(start) from None
+
+    try:
+        for r0 in range(0, n, rows_per_block):
+            r1 = min(n, r0 + rows_per_block)
+            Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
+            c_start = r0 if symmetric else 0
+            if symmetric:  # the diagonal block reuses this block's own Jacobians
+                block = _reduce(_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
+                bar.update(r1 - r0)
+                yield slice(r0, r1), slice(r0, r1), _exact_self(block, kind, reduce, rank_x), False
+                c_start = r1
+            for c0, rep_y in chunks(ys, y_targets, c_start, m):
+                c1 = c0 + engine.size(rep_y)
+                Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
+                yield slice(r0, r1), slice(c0, c1), _reduce(_block(Qx, Qy, kind, reduce, engine), kind, reduce,
+                                                            rank_x, rank_y), symmetric
+    finally:
+        bar.close()
 
 
 def similarity(
@@ -244,19 +422,23 @@ def similarity(
     is never held. The price is recomputing the columns' Jacobians once per row block. With the
     layer-wise engine a sample costs O(sum of layer widths) instead of O(p), so row blocks are
     large and Linear-layer blocks cost O(n m (in + out)) instead of O(n m in out). When `ys` is
-    None and the kind is symmetric, only the upper block triangle is computed and mirrored.
+    None and the kind is symmetric, only the upper block triangle is computed and mirrored
+    (`similarity_blocks` gives the blocks one by one).
+
+    Every argument is checked before the model runs (a refused call leaves it untouched).
 
     Args:
-        model: the trained network (BatchNorm/Dropout in eval mode).
+        model: the trained network (BatchNorm/Dropout in eval mode, float32 or float64).
         xs: `(N, ...)` inputs; ys: `(M, ...)` inputs, None for `ys = xs`.
         kind: "inner" (k^I), "influence" (k^N: entry [i, j] is the influence of x_i on y_j,
             K(y_j, x_i) K(x_i, x_i)^-1 as a matrix), or "correlation" (k^C).
         reduce: "trace", "rot" (d = 2 only) or "none" (the d x d matrices).
         output_fn: maps the raw output batch to `(B, d)` (see `per_sample_grads`).
-        x_targets, y_targets: per-sample side information for `output_fn` (class labels).
-        chunk_size: samples per Jacobian evaluation.
-        max_block_bytes: memory for one row block of Jacobians.
-        rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x).
+        x_targets, y_targets: per-sample side information for `output_fn` (class labels), one
+            row per sample of xs / ys.
+        chunk_size: samples per Jacobian evaluation (a positive int; None: the engine's default).
+        max_block_bytes: memory for one row block of Jacobians (a positive int).
+        rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x), in [0, 1).
         on_zero: "raise" (default) on samples with a zero gradient; "zero" gives them
             similarity 0 (not meaningful for "inner", which needs no normalisation).
         method: "auto" (per-layer rules when the model allows, see `netsim.engine`),
@@ -268,61 +450,33 @@ def similarity(
     Returns:
         `(N, M)` tensor for "trace"/"rot"; `(N, M, d, d)` for "none".
 
+    Raises:
+        ZeroGradientError: samples with a zero gradient (kinds "correlation", "influence"),
+            unless `on_zero="zero"`.
+        NonFiniteError: samples with NaN or infinite inputs, outputs or gradients.
+
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> k = similarity(net, torch.randn(6, 2))
-        >>> k.shape, torch.allclose(k.diagonal(), torch.ones(6), atol=1e-5)
+        >>> k.shape, bool((k.diagonal() == 1).all())
         (torch.Size([6, 6]), True)
     """
+    options = dict(kind=kind, reduce=reduce, output_fn=output_fn, chunk_size=chunk_size,
+                   max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, progress=progress)
     if process_group is not None:
-        return _sharded_similarity(model, xs, ys, x_targets, y_targets, process_group, dict(
-            kind=kind, reduce=reduce, output_fn=output_fn, chunk_size=chunk_size, max_block_bytes=max_block_bytes,
-            rtol=rtol, on_zero=on_zero, method=method, progress=progress))
-    symmetric = ys is None and kind != "influence"
-    if ys is None:
-        ys, y_targets = xs, x_targets
-    d = output_dim(model, xs, output_fn, x_targets)
-    _validate(kind, reduce, on_zero, d)
-    if ys.shape[0] == 0:
-        raise ValueError("ys is empty: nothing to compare with")
-    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
-    n, m = xs.shape[0], ys.shape[0]
-    first = next(iter(trainable_parameters(model).values()))
-    per_sample = engine.bytes_per_sample(d, first.element_size())
-    # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
-    # (rows x rows on the diagonal): both must fit the budget.
-    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
-    rows_per_block = max(engine.chunk, min(max_block_bytes // max(per_sample, 1), square))
-    shape = (n, m) if reduce != "none" else (n, m, d, d)
-    out = torch.empty(shape, dtype=first.dtype, device=first.device)
-    n_blocks = math.ceil(n / rows_per_block)
-    columns_total = sum(m - (b * rows_per_block if symmetric else 0) for b in range(n_blocks))
-    bar = tqdm(total=n + columns_total, desc=f"k^{kind}", unit="sample", disable=not progress)
-
-    def chunks(inputs, targets, start, stop):
-        if start >= stop:
-            return
-        sub = None if targets is None else targets[start:stop]
-        for s, rep in engine.chunks(inputs[start:stop], sub):
-            bar.update(engine.size(rep))
-            yield start + s, rep
-
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
-        Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
-        c_start = r0 if symmetric else 0
-        if symmetric:  # the diagonal block reuses this block's own Jacobians
-            out[r0:r1, r0:r1] = _reduce(_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
-            bar.update(r1 - r0)
-            c_start = r1
-        for c0, rep_y in chunks(ys, y_targets, c_start, m):
-            c1 = c0 + engine.size(rep_y)
-            Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
-            block = _reduce(_block(Qx, Qy, kind, reduce, engine), kind, reduce, rank_x, rank_y)
-            out[r0:r1, c0:c1] = block
-            if symmetric:
-                out[c0:c1, r0:r1] = _transpose_block(block, reduce)
-    bar.close()
+        check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
+                              chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
+                              method=method)
+        return _sharded_similarity(model, xs, ys, x_targets, y_targets, process_group, options)
+    out = None
+    m = xs.shape[0] if ys is None else ys.shape[0]
+    for rows, cols, block, mirrored in similarity_blocks(model, xs, ys, x_targets=x_targets, y_targets=y_targets,
+                                                         **options):
+        if out is None:
+            out = block.new_empty((xs.shape[0], m, *block.shape[2:]))
+        out[rows, cols] = block
+        if mirrored:
+            out[cols, rows] = _transpose_block(block, reduce)
     return out
 
 

@@ -19,7 +19,8 @@ Per-layer rules then turn them into kernel blocks:
 `factorise` refuses models whose structure breaks the rules (a module called twice, shared or
 tied parameters, parameters used outside their module); callers then fall back to the
 full-model Jacobians of `netsim.grads`. In-place operations on a layer's output (a convolution
-followed by ReLU(inplace=True)) are handled by recording copies (`_record`).
+followed by ReLU(inplace=True)) are handled by recording copies (`_record`); `without_inplace`
+gives a copy of a model without in-place activation modules.
 
 All rules give the same numbers as `per_sample_grads` (tested layer by layer); they only
 avoid forming, storing and multiplying p-long vectors.
@@ -27,15 +28,14 @@ avoid forming, storing and multiplying p-long vectors.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .checks import as_output_matrix, check_inputs, check_model_mode
-from .grads import OutputFn, trainable_parameters
+from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
+from .grads import OutputFn, nonfinite_error, trainable_parameters
 
 
 class UnsupportedModel(ValueError):
@@ -87,28 +87,55 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Ten
     return owners
 
 
-#: Models whose forward modifies a recorded module output (or input) in place, e.g. a Conv2d
-#: followed by ReLU(inplace=True): found on their first forward, then recorded with copies.
-_COPY_RECORDS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+class InPlaceModified(UnsupportedModel):
+    """A recorded module input or output was modified in place later in the forward pass
+    (e.g. a Conv2d followed by ReLU(inplace=True)): record with copies (`copy=True`)."""
 
 
-def _record(model: nn.Module, inputs: Tensor, owners) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def _record(model: nn.Module, inputs: Tensor, owners, copy: bool | None) -> tuple[Tensor, list, bool]:
     """Forward pass recording each owner's (input, output); checks each runs exactly once.
 
     When a later operation modifies an owner's output or input in place (ReLU(inplace=True)
-    after a convolution), the recorded tensor no longer holds the module's value: the forward
-    is then run again with each owner's output passed on as a copy (the in-place operation
-    modifies the copy, the original stays in the graph to differentiate against) and its input
-    recorded as a copy. The model is remembered, so later chunks copy from the start.
+    after a convolution), the recorded tensor no longer holds the module's value. With
+    `copy=True` each owner's output is passed on as a copy (the in-place operation modifies the
+    copy, the original stays in the graph to differentiate against) and its input is recorded
+    as a copy. `copy=None` tries without copies first and runs the forward again with them if
+    needed. Returns (output, pairs, whether copies were used): callers that factorise many
+    chunks (`engine.LayerwiseEngine`) keep that answer and pass it back.
     """
-    copy = model in _COPY_RECORDS
-    out, pairs, modified = _forward_recording(model, inputs, owners, copy)
-    if modified is not None and not copy:
-        _COPY_RECORDS.add(model)
+    out, pairs, modified = _forward_recording(model, inputs, owners, bool(copy))
+    if modified is not None and copy is None:
+        copy = True
         out, pairs, modified = _forward_recording(model, inputs, owners, True)
     if modified is not None:
-        raise UnsupportedModel(f"the input or output of {modified!r} is modified in place later in the forward pass")
-    return out, pairs
+        error = InPlaceModified if not copy else UnsupportedModel
+        raise error(f"the input or output of {modified!r} is modified in place later in the forward pass")
+    return out, pairs, bool(copy)
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose activations and dropouts compute out of place.
+
+    Modules with an `inplace` flag (ReLU, LeakyReLU, ELU, Hardtanh, Dropout...) overwrite their
+    input, which forward hooks and some per-sample-gradient libraries cannot record. The copy
+    computes the same function with the same parameters (copied, not shared: the original is
+    untouched). In-place operations written in a `forward` (`x.relu_()`, `x += y`) are not
+    modules and are left as they are; the layer-wise engine copes with those on its own.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(inplace=True))
+        >>> without_inplace(net)[1].inplace, net[1].inplace
+        (False, True)
+    """
+    import copy
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False
+    return out
 
 
 def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
@@ -190,8 +217,14 @@ _RULES = {nn.Linear: _linear_rule, nn.Conv2d: _conv_rule}
 
 
 def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
-              targets: Tensor | None = None) -> list:
+              targets: Tensor | None = None, *, copy: bool | None = None) -> list:
     """Per-layer factors of the per-sample Jacobians of one chunk of inputs.
+
+    Args:
+        model, inputs, output_fn, targets: as in `per_sample_grads`.
+        copy: record module inputs and outputs as copies (needed when the forward modifies
+            them in place); None finds out, at the price of a second forward when it is needed
+            (`factorise_layout` tells which, for the next chunks).
 
     Returns:
         A list, in `named_modules` order of the parameter owners, of `LinearFactors` /
@@ -200,13 +233,20 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
 
     Raises:
         UnsupportedModel: shared parameters, a module run more than once, a module with
-            several tensor inputs.
+            several tensor inputs; `InPlaceModified` with `copy=False` when copies are needed.
+        NonFiniteError: samples with NaN or inf gradients (blamed on inputs, outputs or gradients).
     """
-    check_model_mode(model)
-    check_inputs(model, inputs, targets)
+    return factorise_layout(model, inputs, output_fn, targets, copy=copy)[0]
+
+
+def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+                     targets: Tensor | None = None, *, copy: bool | None = None) -> tuple[list, bool]:
+    """`factorise`, and whether the recording needed copies (pass it as `copy` next time)."""
+    check_model(model)
+    check_batch(model, inputs, targets)
     owners = _param_modules(model)
     with torch.enable_grad():
-        out, records = _record(model, inputs, owners)
+        out, records, copy = _record(model, inputs, owners, copy)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)
         out = as_output_matrix(out, inputs.shape[0])
@@ -226,7 +266,13 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
         entry = entry if entry is not None else _generic_rule(module, params, x, delta)
         entry.names = tuple(f"{name}.{k}" if name else k for k in params)
         factors.append(entry)
-    return factors
+    bad = torch.zeros(inputs.shape[0], dtype=torch.bool, device=out.device)
+    for f in factors:
+        for t in (f.grads,) if isinstance(f, DenseFactors) else (f.x, f.delta):
+            bad |= nonfinite_rows(t)
+    if bool(bad.any()):
+        raise nonfinite_error(model, inputs, output_fn, targets, bad)
+    return factors, copy
 
 
 def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) -> dict[str, Tensor]:
@@ -313,7 +359,8 @@ def _gram_matrices(fx: list, fy: list) -> Tensor:
         if isinstance(a, DenseFactors):
             nx, d, p = a.grads.shape
             ny = b.grads.shape[0]
-            block = (a.grads.reshape(nx * d, p) @ b.grads.reshape(ny * d, p).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
+            block = (a.grads.reshape(nx * d, p) @ b.grads.reshape(ny * d, p).T).reshape(nx, d, ny, d)
+            block = block.permute(0, 2, 1, 3)
         else:
             nx, d, o = a.delta.shape
             ny = b.delta.shape[0]

@@ -80,7 +80,8 @@ def top_neighbours(scores: Tensor, k: int = 10, *, exclude_self: bool = True,
                          "to exclude each query's own sample, or exclude_self=False")
     available = n - (1 if exclude_self else 0)
     if not 1 <= k <= available:
-        raise ValueError(f"k must lie in [1, {available}] ({n} samples{', self excluded' if exclude_self else ''}), got {k}")
+        excluded = ", self excluded" if exclude_self else ""
+        raise ValueError(f"k must lie in [1, {available}] ({n} samples{excluded}), got {k}")
     work = scores.detach().double().cpu().clone()
     if exclude_self:
         work[torch.arange(q), rows] = -math.inf
@@ -100,7 +101,10 @@ def neg_l2_distances(features: Tensor, query_index: Tensor | None = None, *, bat
     if features.ndim < 1 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (N, ...) array, got {tuple(features.shape)}")
     flat = features.reshape(features.shape[0], -1).double()
-    rows = torch.arange(flat.shape[0]) if query_index is None else torch.as_tensor(query_index, dtype=torch.long).flatten()
+    if query_index is None:
+        rows = torch.arange(flat.shape[0])
+    else:
+        rows = torch.as_tensor(query_index, dtype=torch.long).flatten()
     rows = _query_rows(rows.numel(), flat.shape[0], rows, "queries")
     queries = flat[rows]
     return -torch.cat([torch.cdist(queries, flat[s:s + batch_size]) for s in range(0, flat.shape[0], batch_size)], 1)

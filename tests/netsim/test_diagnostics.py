@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import netsim
-from netsim import diagnostics
-
 from conftest import mlp
+from netsim import diagnostics
 
 
 @pytest.mark.parametrize("method", ["jacobian", "layerwise"])
@@ -166,7 +165,7 @@ def test_kernel_sums_input_errors():
         diagnostics.kernel_sums(model, xs, query_index=[5])
     with pytest.raises(ValueError, match="query_index is empty"):
         diagnostics.kernel_sums(model, xs, query_index=[])
-    with pytest.raises(ValueError, match="xs is empty"):
+    with pytest.raises(ValueError, match="xs must be a non-empty"):
         diagnostics.kernel_sums(model, xs[:0])
     with pytest.raises(ValueError, match=r"\(V, N, d\)"):
         diagnostics.kernel_average(model, xs, torch.randn(1, 1, 5, 2))

@@ -9,7 +9,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import netsim
-
 from conftest import mlp
 
 

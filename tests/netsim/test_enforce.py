@@ -6,9 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import netsim
-from netsim import enforce, outputs
-
 from conftest import mlp
+from netsim import enforce, outputs
 
 
 def test_pair_loss_is_minus_kc():

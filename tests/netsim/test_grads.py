@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 import netsim
+from conftest import SmallCNN, mlp, reference_jacobians
 from netsim import outputs
 from netsim.grads import iter_jacobians, output_dim
-
-from conftest import SmallCNN, mlp, reference_jacobians
 
 
 @pytest.mark.parametrize("d", [1, 2, 10])

@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netsim
+from conftest import SmallCNN, mlp
 from netsim import outputs
 from netsim.kernel import ZeroGradientError, psd_power
-
-from conftest import SmallCNN, mlp
 
 KINDS = ("inner", "influence", "correlation")
 

@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 import netsim
-from netsim import layerwise
-from netsim_paper.mnist.speedup import mnist_cnn
-
 from conftest import SmallCNN, mlp
+from netsim import layerwise, without_inplace
+from netsim_paper.mnist.speedup import mnist_cnn
 
 
 def _models():
@@ -86,8 +85,15 @@ def test_in_place_modifications_after_a_layer_are_handled():
                             nn.Linear(4, 1))
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 2))
     for model, x in ((inplace, torch.randn(5, 3)), (conv, torch.randn(5, 2, 4, 4))):
-        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)),
-                                   netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
-        assert model in layerwise._COPY_RECORDS  # later chunks copy from the start
-        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x[:2])),
+        factors, copy = layerwise.factorise_layout(model, x)
+        torch.testing.assert_close(layerwise.materialise(factors), netsim.per_sample_grads(model, x),
+                                   rtol=1e-5, atol=1e-6)
+        assert copy  # the caller keeps this and records copies from the start next time
+        with pytest.raises(layerwise.InPlaceModified):
+            layerwise.factorise(model, x, copy=False)
+        torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x[:2], copy=True)),
                                    netsim.per_sample_grads(model, x[:2]), rtol=1e-5, atol=1e-6)
+        # the engine keeps that state per engine, not per process: a fresh engine finds it again
+        engine = netsim.engine.engine_for(model, x, method="layerwise")
+        assert engine.copy_records is True
+        assert layerwise.factorise_layout(without_inplace(model), x)[1] is False

@@ -62,3 +62,25 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def model_state(model: nn.Module) -> dict:
+    """Everything a library call could leave changed on a model: parameters and buffers (copied),
+    each module's training flag and its hooks."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+    }
+
+
+def assert_model_unchanged(model: nn.Module, before: dict) -> None:
+    """Fails unless `model_state(model)` equals `before` exactly (bit for bit)."""
+    after = model_state(model)
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][name], value), f"{name} changed"
+    for key in ("training", "requires_grad", "hooks"):
+        assert after[key] == before[key], f"{key} changed"

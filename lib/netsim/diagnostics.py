@@ -179,10 +179,10 @@ def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Ten
                 other_targets=query_targets, other_name="query", rtol=rtol)
     if not isinstance(values, Tensor):
         raise TypeError(f"values must be a tensor, got {type(values).__name__}")
-    d = output_dim(model, xs, output_fn, targets)
-    values, several = _as_value_sets(values, xs.shape[0], d)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("values has NaN or infinite entries")
+    d = output_dim(model, xs, output_fn, targets)
+    values, several = _as_value_sets(values, xs.shape[0], d)
     if queries is None:
         queries, query_targets = xs, targets
     engine = engine_for(model, xs, output_fn, targets, chunk_size, method)

@@ -469,11 +469,10 @@ def similarity(
                               method=method)
         return _sharded_similarity(model, xs, ys, x_targets, y_targets, process_group, options)
     out = None
-    m = xs.shape[0] if ys is None else ys.shape[0]
     for rows, cols, block, mirrored in similarity_blocks(model, xs, ys, x_targets=x_targets, y_targets=y_targets,
                                                          **options):
         if out is None:
-            out = block.new_empty((xs.shape[0], m, *block.shape[2:]))
+            out = block.new_empty((xs.shape[0], (xs if ys is None else ys).shape[0], *block.shape[2:]))
         out[rows, cols] = block
         if mirrored:
             out[cols, rows] = _transpose_block(block, reduce)

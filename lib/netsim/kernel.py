@@ -93,12 +93,16 @@ def _scaled_self_gram(rep, engine) -> tuple[object, Tensor, Tensor | None]:
     k_self = engine.self_gram(rep)
     trace = k_self.diagonal(dim1=-2, dim2=-1).sum(-1)
     finfo = torch.finfo(k_self.dtype)
-    # Products of entries below sqrt(tiny / eps^2) lose digits to subnormals; inf is overflow.
-    outside = ~torch.isfinite(trace) | ((trace > 0) & (trace < finfo.tiny / finfo.eps ** 2))
+    # Products of entries below sqrt(tiny / eps^2) lose digits to subnormals (or vanish: a zero
+    # trace may hide a tiny non-zero gradient); inf is overflow.
+    outside = ~torch.isfinite(trace) | (trace < finfo.tiny / finfo.eps ** 2)
     if not bool(outside.any()):
         return rep, k_self, None
     largest = engine.max_abs(rep).double()
-    exponent = torch.where(outside & (largest > 0), torch.floor(torch.log2(largest)), torch.zeros_like(largest))
+    outside &= largest > 0          # true zero gradients stay as they are
+    if not bool(outside.any()):
+        return rep, k_self, None
+    exponent = torch.where(outside, torch.floor(torch.log2(largest)), torch.zeros_like(largest))
     inv = torch.exp2(-exponent).to(k_self.dtype)
     n, d = k_self.shape[:2]
     scaled = engine.transform(rep, torch.diag_embed(inv[:, None].expand(n, d)))

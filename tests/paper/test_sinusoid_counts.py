@@ -72,6 +72,8 @@ def test_a_missing_or_repeated_run_is_an_error(runs):
         count_neighbours(runs[:-1], FREQS, SEEDS, taus=TAUS, alphas=ALPHAS)
     with pytest.raises(ValueError, match="one run per"):
         count_neighbours(runs + runs[:1], FREQS, SEEDS, taus=TAUS, alphas=ALPHAS)
+    with pytest.raises(ValueError, match="one run per"):
+        count_neighbours([], [], [], taus=TAUS, alphas=ALPHAS)
 
 
 def test_without_output_bias_leaves_the_model_alone(runs):

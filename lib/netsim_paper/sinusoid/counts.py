@@ -117,7 +117,7 @@ def count_neighbours(runs: Sequence[SinusoidRun], frequencies: Sequence[float], 
     freqs = [float(f) for f in frequencies]
     seeds = [int(s) for s in seeds]
     pairs = sorted((float(r.frequency), int(r.seed)) for r in runs)
-    if pairs != sorted((f, s) for f in freqs for s in seeds):
+    if not pairs or pairs != sorted((f, s) for f in freqs for s in seeds):
         raise ValueError(f"need exactly one run per (frequency, seed) of {freqs} x {seeds}, got {pairs}")
     names = list(density.all_counts(torch.eye(2), taus, alphas))
     shape = (len(freqs), len(seeds), len(runs[0].data.alpha))

@@ -193,6 +193,10 @@ def test_soft_density_and_kernel_sums_of_patch_model():
     model = patches.PatchModel(small_net(5), "mean")
     x = packed_patches(n=6, p=8, seed=5)
     kc = netsim.similarity(model, x, method="layerwise")
+    # the identities notebook 04 used to assert, on the patch model itself
+    torch.testing.assert_close(kc, kc.T, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kc.diagonal(), torch.ones(6), rtol=0, atol=1e-4)
+    assert float(kc.abs().max()) <= 1 + 1e-4
     # (soft_density's two engines are compared in test_density; its forward-mode pass is slow to warm up)
     torch.testing.assert_close(netsim.soft_density(model, x), kc.sum(1), rtol=1e-4, atol=1e-4)
     J = reference_jacobians(model, x).double()

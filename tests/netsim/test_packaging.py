@@ -3,6 +3,7 @@ package alone and requires only torch, numpy and tqdm."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,12 @@ LIB = Path(__file__).resolve().parents[2] / "lib"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ and *.egg-info beside the sources.
+    source, out = tmp_path_factory.mktemp("lib"), tmp_path_factory.mktemp("wheel")
+    shutil.copytree(LIB, source, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info", "netsim_paper"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(LIB)], check=True, capture_output=True)
+                    "-w", str(out), str(source)], check=True, capture_output=True)
     (path,) = out.glob("netsim-*.whl")
     return path
 

@@ -82,11 +82,11 @@ def top_neighbours(scores: Tensor, k: int = 10, *, exclude_self: bool = True,
     if not 1 <= k <= available:
         excluded = ", self excluded" if exclude_self else ""
         raise ValueError(f"k must lie in [1, {available}] ({n} samples{excluded}), got {k}")
-    work = scores.detach().double().cpu().clone()
-    if exclude_self:
-        work[torch.arange(q), rows] = -math.inf
     # A stable descending sort breaks ties by index, which topk does not guarantee.
-    order = torch.sort(work, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(scores.detach().double().cpu(), dim=1, descending=True, stable=True).indices
+    if exclude_self:   # dropped from the order (a -inf score could otherwise tie with it)
+        order = order[order != rows[:, None]].reshape(q, n - 1)
+    order = order[:, :k]
     return order, scores.detach().cpu().gather(1, order)
 
 

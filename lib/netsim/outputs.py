@@ -19,10 +19,12 @@ def neg_log_softmax(logits: Tensor) -> Tensor:
 
 
 def _check_labels(logits: Tensor, labels: Tensor) -> Tensor:
-    if logits.ndim != 2:
-        raise ValueError(f"expected logits (B, C), got shape {tuple(logits.shape)}")
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"expected logits (B, C) with C >= 2 classes, got shape {tuple(logits.shape)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"class labels must be integers, got {labels.dtype}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {logits.shape[0]} logit rows")
     return labels.long()
 
 

@@ -225,7 +225,8 @@ def test_self_denoising_decomposition_holds_and_gap_vanishes_at_a_stationary_poi
     torch.testing.assert_close(result.error, result.noise_average + result.shift, rtol=0, atol=1e-8)
     torch.testing.assert_close(result.shift_norm, result.shift.norm(dim=1))
     noise = noisy - true
-    torch.testing.assert_close(result.measured_factor, result.noise_average.norm(dim=1) / noise.pow(2).sum(1).mean().sqrt())
+    torch.testing.assert_close(result.measured_factor,
+                               result.noise_average.norm(dim=1) / noise.pow(2).sum(1).mean().sqrt())
     # the same pass at a subset of queries gives the same rows
     sub = diagnostics.self_denoising(model, xs, true=true, noisy=noisy, query_index=torch.tensor([5, 9]))
     torch.testing.assert_close(sub.factor, result.factor[[5, 9]])

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import netsim
 from conftest import mlp, reference_jacobians
 from netsim import NonFiniteError, diagnostics
 

@@ -84,7 +84,8 @@ def test_bad_inputs_are_clear_errors():
         enforce.group_loss(mlp(), torch.randn(2, 3), torch.randn(3, 3))
     with pytest.raises(ValueError, match="single inputs"):
         enforce.pair_loss(mlp(), torch.randn(2, 3), torch.randn(1, 3))
-    frozen_out = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.ReLU(), torch.nn.Linear(2, 1, bias=False))
+    frozen_out = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.ReLU(),
+                                     torch.nn.Linear(2, 1, bias=False))
     with torch.no_grad():
         frozen_out[0].weight.fill_(-1.0)
     with pytest.raises(ValueError, match="zero"):

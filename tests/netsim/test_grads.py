@@ -89,7 +89,8 @@ def test_training_mode_batchnorm_is_an_error():
 
 def test_targets_of_wrong_length_are_an_error():
     with pytest.raises(ValueError, match="one per sample"):
-        netsim.per_sample_grads(mlp(d_out=3), torch.randn(4, 3), outputs.class_vs_rest, targets=torch.zeros(3, dtype=torch.long))
+        netsim.per_sample_grads(mlp(d_out=3), torch.randn(4, 3), outputs.class_vs_rest,
+                                targets=torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("d", [1, 3])

@@ -27,7 +27,10 @@ def _models():
 @pytest.mark.parametrize("d", [1, 2, 4])
 def test_factors_equal_the_jacobians(name, d):
     model, x = _models()[name]
-    output_fn = (lambda out: out[:, :d])
+
+    def output_fn(out):
+        return out[:, :d]
+
     factors = layerwise.factorise(model, x, output_fn)
     J = netsim.per_sample_grads(model, x, output_fn)
     torch.testing.assert_close(layerwise.materialise(factors), J, rtol=1e-4, atol=1e-5)
@@ -38,7 +41,10 @@ def test_factors_equal_the_jacobians(name, d):
 def test_gram_transform_and_sums_equal_dense_formulas(name):
     model, x = _models()[name]
     y = x.flip(0)[:3] * 0.5
-    output_fn = (lambda out: out[:, :2])
+
+    def output_fn(out):
+        return out[:, :2]
+
     fx, fy = layerwise.factorise(model, x, output_fn), layerwise.factorise(model, y, output_fn)
     Jx, Jy = netsim.per_sample_grads(model, x, output_fn), netsim.per_sample_grads(model, y, output_fn)
     full = torch.einsum("iap,jbp->ijab", Jx, Jy)

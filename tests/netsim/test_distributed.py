@@ -1,4 +1,4 @@
-"""Data-parallel soft density and similarity over 2 CPU processes (gloo, loopback) equal the
+"""Data-parallel soft density, similarity and streamed counts over 2 CPU processes (gloo, loopback) equal the
 single-process results."""
 
 import socket
@@ -27,7 +27,9 @@ def _worker(rank, world, port, n, results):
         out = {"soft": netsim.soft_density(model, xs, process_group=group, chunk_size=5),
                "soft_jac": netsim.soft_density(model, xs, process_group=group, method="jacobian"),
                "kc": netsim.similarity(model, xs, process_group=group),
-               "kn": netsim.similarity(model, xs, xs[:4], kind="influence", reduce="none", process_group=group)}
+               "kn": netsim.similarity(model, xs, xs[:4], kind="influence", reduce="none", process_group=group),
+               "hard": netsim.neighbour_counts(model, xs, tau=0.3, process_group=group, chunk_size=4),
+               "positive": netsim.neighbour_counts(model, xs, estimator="positive", process_group=group)}
         results[rank] = {k: v.tolist() for k, v in out.items()}  # plain data: worker memory is freed on exit
     finally:
         dist.destroy_process_group()
@@ -41,7 +43,9 @@ def test_sharded_results_equal_single_process(world, n):
     model, xs = mlp(d_out=2, seed=7), torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
     expected = {"soft": netsim.soft_density(model, xs), "soft_jac": netsim.soft_density(model, xs),
                 "kc": netsim.similarity(model, xs),
-                "kn": netsim.similarity(model, xs, xs[:4], kind="influence", reduce="none")}
+                "kn": netsim.similarity(model, xs, xs[:4], kind="influence", reduce="none"),
+                "hard": netsim.neighbour_counts(model, xs, tau=0.3),
+                "positive": netsim.neighbour_counts(model, xs, estimator="positive")}
     for rank in range(world):
         for key, value in expected.items():
             torch.testing.assert_close(torch.tensor(results[rank][key]), value, rtol=1e-4, atol=1e-5)

@@ -12,8 +12,7 @@ which both engines implement with identical results (tested against each other):
     gram(Rx, Ry, trace)   J_x J_y^T or its trace               (nx, ny, d, d) / (nx, ny)
     summed(R)             sum over samples of J                S (d rows of p)
     dot_with_sums(R, S)   J(x) S^T                             (n, d, d_S)
-
-    max_abs(R)            largest |entry| of each sample's J     (n,)  (a scale, up to a factor)
+    max_abs(R)            an upper bound of each sample's max|J|  (n,)  (for exact rescaling)
 
 `engine_for(model, ..., method="auto")` picks the layer-wise engine when the model's structure
 allows it (see `layerwise.factorise`) and the Jacobian engine otherwise. Both engines raise
@@ -134,9 +133,10 @@ class LayerwiseEngine:
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, inputs.shape[0], self.chunk):
             sub = None if targets is None else targets[start:start + self.chunk]
-            try:
+            try:  # once copies were needed they are made from the start; until then, checked per chunk
                 factors, self.copy_records = layerwise.factorise_layout(
-                    self.model, inputs[start:start + self.chunk], self.output_fn, sub, copy=self.copy_records)
+                    self.model, inputs[start:start + self.chunk], self.output_fn, sub,
+                    copy=True if self.copy_records else None)
             except NonFiniteError as error:
                 raise error.shifted(start) from None
             yield start, factors

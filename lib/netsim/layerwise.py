@@ -28,6 +28,7 @@ avoid forming, storing and multiplying p-long vectors.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -127,11 +128,9 @@ def without_inplace(model: nn.Module) -> nn.Module:
         >>> without_inplace(net)[1].inplace, net[1].inplace
         (False, True)
     """
-    import copy
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    out = copy.deepcopy(model)
+    out = deepcopy(model)
     for module in out.modules():
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import models as M
+from netsim import without_inplace
 
 #: Samples per batch for every peer (the epoch's batch size).
 PEER_BATCH = 128
@@ -94,15 +95,6 @@ def status() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def without_inplace(model: nn.Module) -> nn.Module:
-    """A copy of the model with every `inplace=True` activation switched to out-of-place."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if getattr(m, "inplace", False) is True:
-            m.inplace = False
-    return model
-
 
 def _param_list(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(k, p) for k, p in model.named_parameters() if p.requires_grad]

@@ -79,7 +79,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +86,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from netsim import without_inplace
 from netsim.diagnostics import predictions
 from netsim.neighbours import neg_l2_distances
 from netsim_paper.registration.geometry import as_polygon, rasterize
@@ -265,26 +265,6 @@ def pack(image_patches: Tensor, raster_patches: Tensor) -> Tensor:
     return torch.cat([image_patches, raster_patches], 1)
 
 
-@contextlib.contextmanager
-def _without_inplace(module: nn.Module):
-    """Turns off ``inplace`` activations for the duration (restored after).
-
-    The layer-wise kernel engine reads each layer's output after the forward pass; an
-    in-place ReLU (the registration net's conv blocks use ReLU(inplace=True)) overwrites it.
-    `netsim.layerwise` now copes with that by recording copies (found on a model's first
-    forward, which it then runs again); switching the flags off here avoids the copies. The
-    values are the same either way. Not thread-safe: the flags of the shared net flip for the duration.
-    """
-    flipped = [m for m in module.modules() if getattr(m, "inplace", False) is True]
-    for m in flipped:
-        m.inplace = False
-    try:
-        yield
-    finally:
-        for m in flipped:
-            m.inplace = True
-
-
 class PatchModel(nn.Module):
     """A registration network seen as a one-input model with a d = 2 output, for the kernels.
 
@@ -292,7 +272,10 @@ class PatchModel(nn.Module):
     engines take a model of ONE input tensor; a registration net takes (image, raster). This
     wrapper takes the packed ``(B, 6, p, p)`` tensor (`pack`), calls ``net(image, raster)`` and
     reduces the ``(B, 2, p, p)`` field to ``(B, 2)`` (`OUTPUTS`). The parameters are the net's
-    own (shared, not copied): kernels of the wrapper are kernels of the net.
+    net's own values in a copy whose activations compute out of place (`netsim.without_inplace`:
+    the layer-wise engine reads each layer's output after the forward pass, which an in-place
+    ReLU would overwrite); freeze parameters before wrapping. Kernels of the wrapper are kernels
+    of the net.
 
     Args:
         net: ``(image (B, 3, p, p), raster (B, 3, p, p)) -> (B, 2, p, p)``, e.g.
@@ -311,7 +294,7 @@ class PatchModel(nn.Module):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        self.net = net
+        self.net = without_inplace(net)
         self.output = output
 
     def field(self, packed: Tensor) -> Tensor:
@@ -319,8 +302,7 @@ class PatchModel(nn.Module):
         if packed.ndim != 4 or packed.shape[1] != 6:
             raise ValueError(f"PatchModel takes packed (B, 6, p, p) patches (image then raster channels, "
                              f"see pack), got {tuple(packed.shape)}")
-        with _without_inplace(self.net):
-            return self.net(packed[:, :3], packed[:, 3:])
+        return self.net(packed[:, :3], packed[:, 3:])
 
     def forward(self, packed: Tensor) -> Tensor:
         """``(B, 6, p, p) -> (B, 2)`` the reduced output (see `OUTPUTS`)."""
@@ -480,7 +462,8 @@ def encoder_features(net: nn.Module, image_patches: Tensor, raster_patches: Tens
         raise ValueError(f"branches must be a non-empty subset of ('image', 'raster'), got {tuple(branches)}")
     device = next(net.parameters()).device
     parts = []
-    with torch.no_grad(), _without_inplace(net):
+    net = without_inplace(net)   # each level's features, not what a later in-place ReLU made of them
+    with torch.no_grad():
         if "image" in branches:
             parts.append(net.image_encoder(image_patches.to(device) - 0.5)[level].flatten(1))
         if "raster" in branches:

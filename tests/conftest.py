@@ -36,6 +36,71 @@ class SmallCNN(nn.Module):
         return self.head(h.flatten(1))
 
 
+class TinyTransformer(nn.Module):
+    """Text classifier: Embedding(vocab, 16) -> 2 TransformerEncoderLayers (batch_first) -> masked mean over
+    tokens -> Linear(16, d_out). forward(tokens (B, T) long, padding_mask (B, T) bool, True = padding) -> (B, d_out)."""
+
+    def __init__(self, vocab: int = 50, d_model: int = 16, d_out: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, d_out)
+
+    def forward(self, tokens, padding_mask=None):
+        h = self.encoder(self.embed(tokens), src_key_padding_mask=padding_mask)
+        if padding_mask is None:
+            return self.head(h.mean(1))
+        keep = (~padding_mask).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+
+def token_batch(n: int, length: int = 6, vocab: int = 50, padded: bool = False, seed: int = 0):
+    """(n, length) long tokens; with `padded`, also an (n, length) bool mask (True = padding) whose rows keep
+    between 2 and `length` tokens, padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n, length), generator=g)
+    if not padded:
+        return tokens
+    keep = torch.randint(2, length + 1, (n,), generator=g)
+    return tokens, torch.arange(length).unsqueeze(0) >= keep.unsqueeze(1)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> 2 residual blocks (conv-BN-ReLU-conv-BN + skip) -> adaptive average pool ->
+    Linear(width, d_out). Input (B, c_in, H, W). BatchNorm running statistics are non-trivial; use in eval mode."""
+
+    def __init__(self, c_in: int = 1, width: int = 4, d_out: int = 2, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(_ResidualBlock(width), _ResidualBlock(width))
+        self.head = nn.Linear(width, d_out)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 def reference_jacobians(model: nn.Module, inputs: torch.Tensor, output_fn=None, targets=None) -> torch.Tensor:
     """(N, d, p) by one autograd.grad call per sample and output: the slow, obvious path."""
     params = [p for p in model.parameters() if p.requires_grad]

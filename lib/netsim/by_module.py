@@ -1,0 +1,220 @@
+"""Why two inputs are similar: the similarity split over the modules that own the parameters.
+
+Cutting the Jacobian J(x) `(d, p)` into the column blocks J_m(x) of the modules m that directly own
+trainable parameters (a module's own parameters form one block) splits the gram matrix into a sum:
+
+    K(x, x') = J(x) J(x')^T = sum_m J_m(x) J_m(x')^T = sum_m K_m(x, x').
+
+Every kernel whose normalisation uses the FULL self-kernels K(x, x) and whose reduction is linear
+then splits the same way, each part being the kernel with K(x, x') replaced by K_m(x, x'):
+
+- inner (k^I):        K_m(x, x'); "trace" divides by d.
+- influence (k^N):    K_m(x', x) K(x, x)^+; "trace" divides by rank K(x, x).
+- correlation (k^C):  K(x, x)^-1/2 K_m(x, x') K(x', x')^-1/2; "trace" divides by
+                      sqrt(rank K(x, x) rank K(x', x')). Each part lies in [-1, 1] as well
+                      (Cauchy-Schwarz on the blocks of K(x, x)^-1/2 J(x)), and the self-similarity
+                      k^C(x, x) = 1 is shared out between the modules.
+
+So for reduce "trace" and "none" the parts of every kind add up to `netsim.similarity` with the same
+arguments, to rounding (similarity's exact edges -- k^C clamped to [-1, 1], k^C(x, x) set to exactly
+1 -- move it by a few ulps). reduce "rot" (max over 2-D rotations R of Tr(R M), a square root of a
+quadratic form in M) is not linear in M, so its parts would not add up: it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import layerwise
+from .checks import NonFiniteError
+from .engine import LayerwiseEngine, engine_for
+from .grads import OutputFn, output_dim, trainable_parameters
+from .kernel import (
+    DEFAULT_BLOCK_BYTES,
+    _block,
+    _prepare_columns,
+    _prepared_rows,
+    _reduce,
+    _transpose_block,
+    check_similarity_call,
+)
+
+#: The reductions whose per-module parts add up to the reduced kernel (linear in K(x, x')).
+ADDITIVE_REDUCTIONS = ("trace", "none")
+
+
+def module_of(parameter_name: str) -> str:
+    """The name (as in `named_modules`) of the module owning a parameter directly ("" for the root)."""
+    return parameter_name.rpartition(".")[0]
+
+
+def parameter_modules(model: nn.Module) -> dict[str, list[str]]:
+    """{module name: its trainable parameter names}, modules in `named_modules` order, each module's
+    parameters in `named_parameters` order. A parameter tied between modules counts for the first one
+    (`named_parameters` lists it once); modules whose parameters are all frozen are absent."""
+    modules: dict[str, list[str]] = {}
+    for name in trainable_parameters(model):
+        modules.setdefault(module_of(name), []).append(name)
+    return modules
+
+
+def _jacobian_layout(model: nn.Module) -> dict[str, slice]:
+    """{module: its columns of the `(n, d, p)` Jacobians}: `named_parameters` visits the modules one by
+    one, so each module's parameters are contiguous columns."""
+    layout, offset = {}, 0
+    for name, p in trainable_parameters(model).items():
+        module = module_of(name)
+        start = layout[module].start if module in layout else offset
+        offset += p.numel()
+        layout[module] = slice(start, offset)
+    return layout
+
+
+def _layerwise_layout(model: nn.Module, factors: list) -> dict[str, list[tuple[int, slice | None]]]:
+    """{module: [(factor index, columns of a dense factor or None for all of it)]} from one chunk's
+    factors (read from their parameter names, which the normalised factors no longer carry)."""
+    sizes = {name: p.numel() for name, p in trainable_parameters(model).items()}
+    layout: dict[str, list[tuple[int, slice | None]]] = {}
+    for i, f in enumerate(factors):
+        owners = [module_of(n) for n in f.names]
+        if len(set(owners)) == 1:
+            layout.setdefault(owners[0], []).append((i, None))
+            continue
+        if not isinstance(f, layerwise.DenseFactors):
+            raise ValueError(f"a layer-wise factor spans the modules {sorted(set(owners))} and cannot be split "
+                             "between them: pass method='jacobian'")
+        offset = 0
+        for name, owner in zip(f.names, owners):
+            layout.setdefault(owner, []).append((i, slice(offset, offset + sizes[name])))
+            offset += sizes[name]
+    return layout
+
+
+def _split(rep, engine, layout) -> dict[str, object]:
+    """{module: its part of a chunk's (prepared) Jacobians}, in the engine's representation."""
+    if not isinstance(engine, LayerwiseEngine):
+        return {m: rep[:, :, cols] for m, cols in layout.items()}
+    return {m: [rep[i] if cols is None else layerwise.DenseFactors(rep[i].grads[:, :, cols]) for i, cols in parts]
+            for m, parts in layout.items()}
+
+
+def similarity_by_module(
+    model: nn.Module,
+    xs: Tensor,
+    ys: Tensor | None = None,
+    *,
+    kind: str = "correlation",
+    reduce: str = "trace",
+    output_fn: OutputFn | None = None,
+    x_targets: Tensor | None = None,
+    y_targets: Tensor | None = None,
+    chunk_size: int | None = None,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    rtol: float | None = None,
+    on_zero: str = "raise",
+    method: str = "auto",
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Which modules make two inputs similar: `netsim.similarity` split into one term per module.
+
+    The parts add up to `similarity(model, xs, ys, ...)` with the same arguments (to rounding) for every
+    kind with reduce "trace" or "none"; see the module docstring for each kind's formula and why
+    reduce "rot" cannot be split. The normalisation of k^C and k^N uses the full self-kernels, so a
+    module's part is its share of the whole similarity, not the similarity seen by that module alone.
+
+    Streaming as in `similarity` (same engines, row blocks within `max_block_bytes`, column chunks,
+    the upper block triangle only when `ys` is None and the kind is symmetric); the per-module grams
+    cost about as much as the one gram of `similarity` in all. Every argument is checked before the
+    model runs (a refused call leaves it untouched).
+
+    Args:
+        model, xs, ys, kind, output_fn, x_targets, y_targets, chunk_size, max_block_bytes, rtol,
+            on_zero, method, progress: as in `netsim.similarity`.
+        reduce: "trace" or "none" (the additive reductions).
+
+    Returns:
+        {module name: `(N, M)` tensor ("trace") or `(N, M, d, d)` ("none")}, one entry per module owning
+        trainable parameters directly, in `model.named_modules()` order ("" is the model itself).
+        Modules whose parameters are all frozen are absent.
+
+    Raises:
+        ValueError: reduce="rot" (not additive), and every error of `similarity`'s validation.
+        ZeroGradientError, NonFiniteError: as in `similarity`.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> x = torch.randn(6, 2)
+        >>> parts = similarity_by_module(net, x)
+        >>> list(parts)
+        ['0', '2']
+        >>> from netsim import similarity
+        >>> bool(torch.allclose(sum(parts.values()), similarity(net, x)))
+        True
+    """
+    check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
+                          chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
+                          method=method)
+    if reduce not in ADDITIVE_REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r} cannot be split by module: the rotation-invariant reduction "
+                         "max_R Tr(R M) = sqrt((a + d)^2 + (b - c)^2) is not linear in M, so per-module parts "
+                         f"would not add up to the similarity. Use one of {ADDITIVE_REDUCTIONS}.")
+    d = output_dim(model, xs, output_fn, x_targets)
+    symmetric = ys is None and kind != "influence"
+    if ys is None:
+        ys, y_targets = xs, x_targets
+    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
+    n, m = xs.shape[0], ys.shape[0]
+    first = next(iter(trainable_parameters(model).values()))
+    # Row blocks as in `similarity`: their prepared Jacobians and the gram temporaries fit the budget.
+    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
+    rows_per_block = max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, first.element_size()), 1),
+                                           square))
+    layout = _jacobian_layout(model) if not isinstance(engine, LayerwiseEngine) else None
+    out: dict[str, Tensor] = {}
+    bar = tqdm(total=n + sum(m - (r0 if symmetric else 0) for r0 in range(0, n, rows_per_block)),
+               desc=f"k^{kind} by module", unit="sample", disable=not progress)
+
+    def chunks(inputs, targets, start, stop):
+        nonlocal layout
+        if start >= stop:
+            return
+        sub = None if targets is None else targets[start:stop]
+        try:
+            for s, rep in engine.chunks(inputs[start:stop], sub):
+                if layout is None:
+                    layout = _layerwise_layout(model, rep)
+                bar.update(engine.size(rep))
+                yield start + s, rep
+        except NonFiniteError as error:
+            raise error.shifted(start) from None
+
+    def store(rows, cols, parts_x, parts_y, rank_x, rank_y, mirrored):
+        for name, part_x in parts_x.items():
+            block = _reduce(_block(part_x, parts_y[name], kind, reduce, engine), kind, reduce, rank_x, rank_y)
+            if name not in out:
+                out[name] = block.new_empty((n, m, *block.shape[2:]))
+            out[name][rows, cols] = block
+            if mirrored:
+                out[name][cols, rows] = _transpose_block(block, reduce)
+
+    try:
+        for r0 in range(0, n, rows_per_block):
+            r1 = min(n, r0 + rows_per_block)
+            Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
+            parts_x = _split(Qx, engine, layout)
+            if symmetric:  # the diagonal block from this block's own Jacobians, then the columns right of it
+                store(slice(r0, r1), slice(r0, r1), parts_x, parts_x, rank_x, rank_x, False)
+                bar.update(r1 - r0)
+            for c0, rep_y in chunks(ys, y_targets, r1 if symmetric else 0, m):
+                Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
+                cols = slice(c0, c0 + engine.size(rep_y))
+                store(slice(r0, r1), cols, parts_x, _split(Qy, engine, layout), rank_x, rank_y, symmetric)
+    finally:
+        bar.close()
+    owners = parameter_modules(model)
+    if set(out) != set(owners):  # the engine's layers must be the parameter owners
+        raise RuntimeError(f"the engine's modules {sorted(out)} are not the parameter owners {sorted(owners)}")
+    return {name: out[name] for name in owners}

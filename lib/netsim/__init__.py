@@ -13,6 +13,7 @@ kernels compare per-sample parameter gradients.
 """
 
 from . import engine, outputs
+from .by_module import similarity_by_module
 from .checks import NonFiniteError
 from .density import counts_from_kernel, neighbour_counts, soft_density
 from .grads import iter_jacobians, num_parameters, output_jvp, per_sample_grads, trainable_parameters
@@ -34,6 +35,7 @@ __all__ = [
     "per_sample_grads",
     "psd_power",
     "similarity",
+    "similarity_by_module",
     "similarity_from_jacobians",
     "soft_density",
     "trainable_parameters",

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .data import Source, TensorSource
+
 _MODES_THAT_MIX_SAMPLES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 #: Parameter dtypes the kernels are computed in. Half precisions are refused: their per-sample
 #: gradients carry ~3 significant digits, too few to separate the rank of K(x, x) (a classifier's
@@ -113,30 +115,49 @@ def model_device(model: nn.Module) -> torch.device:
     return next(p for p in model.parameters() if p.requires_grad).device
 
 
-def check_batch(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
+def check_batch(model: nn.Module, inputs, targets: Tensor | None = None, *,
                 name: str = "inputs", targets_name: str = "targets") -> None:
-    """Raise a clear error unless `inputs` is a non-empty `(N, ...)` tensor on the model's
-    device and `targets`, if given, is a tensor with one row per input on the same device.
-    Shapes only: no pass over the data."""
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
-    device = model_device(model)
-    if inputs.device != device:
-        raise ValueError(f"{name} are on {inputs.device} but the model's parameters are on {device}: "
-                         f"move one of them (e.g. {name}.to(device)).")
-    if inputs.is_floating_point() and inputs.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} are {inputs.dtype}: netsim works in float32 or float64 (e.g. {name}.float())")
+    """Raise a clear error unless `inputs` is a non-empty `(N, ...)` tensor (or a dict of such
+    tensors, keyword inputs, sharing N) on the model's device and `targets`, if given, is a
+    tensor with one row per input on the same device. Shapes only: no pass over the data."""
+    if isinstance(inputs, dict):
+        if not inputs:
+            raise ValueError(f"{name} is an empty dict: no keyword input for the model")
+        for key, value in inputs.items():
+            check_batch(model, value, None, name=f"{name}[{key!r}]")
+        rows = {value.shape[0] for value in inputs.values()}
+        if len(rows) != 1:
+            raise ValueError(f"the tensors of {name} have different numbers of rows: "
+                             + ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items()))
+        n = rows.pop()
+    else:
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
+        if inputs.ndim == 0 or inputs.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(inputs.shape)}")
+        device = model_device(model)
+        if inputs.device != device:
+            raise ValueError(f"{name} are on {inputs.device} but the model's parameters are on {device}: "
+                             f"move one of them (e.g. {name}.to(device)).")
+        if inputs.is_floating_point() and inputs.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} are {inputs.dtype}: netsim works in float32 or float64 (e.g. {name}.float())")
+        n = inputs.shape[0]
     if targets is not None:
         if not isinstance(targets, Tensor):
             raise TypeError(f"{targets_name} must be a torch.Tensor with one row per sample, got "
                             f"{type(targets).__name__}")
-        if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+        if targets.ndim == 0 or targets.shape[0] != n:
             rows = "a scalar" if targets.ndim == 0 else f"{targets.shape[0]} rows"
-            raise ValueError(f"{targets_name} has {rows} for {inputs.shape[0]} {name}: one per sample needed")
-        if targets.device != device:
-            raise ValueError(f"{targets_name} are on {targets.device} but the model is on {device}")
+            raise ValueError(f"{targets_name} has {rows} for {n} {name}: one per sample needed")
+        if targets.device != model_device(model):
+            raise ValueError(f"{targets_name} are on {targets.device} but the model is on {model_device(model)}")
+
+
+def check_data(model: nn.Module, source: Source) -> None:
+    """`check_batch` on a tensor source, whole, before the model runs. Other data forms are read
+    lazily and checked chunk by chunk as they arrive (reading data does not touch the model)."""
+    if isinstance(source, TensorSource):
+        check_batch(model, source.data, source.targets, name=source.name, targets_name=source.targets_name)
 
 
 def as_output_matrix(out, batch: int) -> Tensor:

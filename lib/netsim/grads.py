@@ -15,7 +15,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from .checks import NonFiniteError, as_output_matrix, check_batch, check_model, check_positive_int, nonfinite_rows
+from .checks import (
+    NonFiniteError,
+    as_output_matrix,
+    check_batch,
+    check_data,
+    check_model,
+    check_positive_int,
+    model_device,
+    nonfinite_rows,
+)
+from .data import Inputs, as_source, index_inputs, input_rows
+from .params import ParamSpec, select_parameters
 
 OutputFn = Callable[..., Tensor]
 
@@ -24,43 +35,51 @@ OutputFn = Callable[..., Tensor]
 DEFAULT_CHUNK = 64
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters the kernels differentiate against: those with `requires_grad=True`.
+def trainable_parameters(model: nn.Module, params: ParamSpec = None) -> dict[str, Tensor]:
+    """The parameters the kernels differentiate against, `{name: parameter}` in `named_parameters()` order.
+
+    Args:
+        params: None (every parameter with `requires_grad=True`), a list of name patterns or a
+            callable `(name, parameter) -> bool` choosing among those (`netsim.params`). The
+            model's flags are not changed.
 
     Raises:
-        ValueError: if the model has no trainable parameter.
+        ValueError: no trainable parameter, or a pattern that matches none.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError(
-            f"{type(model).__name__} has no trainable parameter (requires_grad=True): "
-            "the gradient kernels are defined by parameter gradients, so there is nothing to compare."
-        )
-    return params
+    return select_parameters(model, params)
 
 
-def num_parameters(model: nn.Module) -> int:
+def num_parameters(model: nn.Module, params: ParamSpec = None) -> int:
     """p, the length of one flattened per-sample gradient."""
-    return sum(p.numel() for p in trainable_parameters(model).values())
+    return sum(p.numel() for p in trainable_parameters(model, params).values())
 
 
-def output_dim(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+def output_dim(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                targets: Tensor | None = None) -> int:
     """d, the output dimension after `output_fn`, read from a forward pass on one sample
     (after `check_model` and `check_batch`: a refused model is never run)."""
     check_model(model)
     check_batch(model, inputs, targets)
-    return reduced_outputs(model, inputs[:1], output_fn, None if targets is None else targets[:1]).shape[1]
+    return reduced_outputs(model, index_inputs(inputs, slice(0, 1)), output_fn,
+                           None if targets is None else targets[:1]).shape[1]
 
 
-def reduced_outputs(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+def run_model(model: nn.Module, inputs: Inputs):
+    """`model(inputs)`, or `model(**inputs)` for keyword inputs (a dict batch)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def reduced_outputs(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                     targets: Tensor | None = None) -> Tensor:
-    """`(n, d)` output_fn(model(inputs)) without gradients (the caller has checked the model)."""
+    """`(n, d)` output_fn(model(inputs)) without gradients (the caller has checked the model).
+
+    The raw output goes to `output_fn` unchanged (a tuple, a dict, a dataclass such as a Hugging
+    Face `ModelOutput`); only the default (no `output_fn`) needs a tensor."""
     with torch.no_grad():
-        out = model(inputs)
+        out = run_model(model, inputs)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)
-    return as_output_matrix(out, inputs.shape[0])
+    return as_output_matrix(out, input_rows(inputs))
 
 
 def nonfinite_error(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None, targets: Tensor | None,
@@ -69,8 +88,11 @@ def nonfinite_error(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None
     non-finite, each blamed on the first stage that is: its input, its output, or its gradient.
     Runs the model on those samples only (no gradients; the model is in eval mode)."""
     rows = torch.nonzero(bad.cpu()).flatten()
-    x = inputs[rows.to(inputs.device)]
-    in_bad = nonfinite_rows(x).cpu() if x.is_floating_point() else torch.zeros(len(rows), dtype=torch.bool)
+    x = index_inputs(inputs, rows.to(bad.device))
+    in_bad = torch.zeros(len(rows), dtype=torch.bool)
+    for t in x.values() if isinstance(x, dict) else (x,):
+        if t.is_floating_point():
+            in_bad |= nonfinite_rows(t).cpu()
     out_bad = torch.zeros_like(in_bad)
     if not bool(in_bad.all()):
         sub = None if targets is None else targets[rows.to(targets.device)]
@@ -80,27 +102,35 @@ def nonfinite_error(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None
                            (("inputs", in_bad), ("outputs", out_bad), ("gradients", grad_bad))})
 
 
-def _functional_output(model: nn.Module, output_fn: OutputFn | None):
+def _functional_output(model: nn.Module, output_fn: OutputFn | None, selected: dict[str, Tensor]):
     """`output(params, x, t=None) -> (B, d)`: the reduced model output as a function of the
-    trainable parameters (frozen parameters and buffers held fixed)."""
+    selected parameters (the others and the buffers held fixed). `x` may be keyword inputs."""
     buffers = dict(model.named_buffers())
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    fixed = {n: p for n, p in model.named_parameters() if n not in selected}
 
     def output(params, x, t=None):
-        out = functional_call(model, (params, frozen, buffers), (x,))
+        if isinstance(x, dict):
+            out = functional_call(model, (params, fixed, buffers), (), x)
+        else:
+            out = functional_call(model, (params, fixed, buffers), (x,))
         if output_fn is not None:
             out = output_fn(out) if t is None else output_fn(out, t)
-        return as_output_matrix(out, x.shape[0])
+        return as_output_matrix(out, input_rows(x))
 
     return output
 
 
-def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_targets: bool):
+def _unsqueeze(x: Inputs) -> Inputs:
+    return {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
+
+
+def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_targets: bool,
+                            selected: dict[str, Tensor]):
     """Builds `jac(params, x[, t]) -> {name: (d, *param.shape)}` for one unbatched sample."""
-    batch_output = _functional_output(model, output_fn)
+    batch_output = _functional_output(model, output_fn, selected)
 
     def output(params, x, t=None):
-        return batch_output(params, x.unsqueeze(0), None if t is None else t.unsqueeze(0))[0]
+        return batch_output(params, _unsqueeze(x), None if t is None else t.unsqueeze(0))[0]
 
     # chunk_size=1: one vjp per output row instead of a vmap over rows. Nested vmaps (rows
     # inside samples) hit broken batching rules, e.g. PReLU after a convolution in torch 2.13;
@@ -112,59 +142,69 @@ def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_t
 
 def iter_jacobians(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     targets: Tensor | None = None,
+    *,
+    params: ParamSpec = None,
+    targets_key: str | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Yields `(start, J)` with `J` of shape `(n_chunk, d, p)` for consecutive input chunks.
 
-    The flattening order of parameters is `model.named_parameters()` order (trainable only),
-    the same in every chunk, so chunks can be combined by the caller.
+    The flattening order of parameters is `model.named_parameters()` order (selected only),
+    the same in every chunk, so chunks can be combined by the caller. One pass over `inputs`.
 
     Args:
         model: any module; BatchNorm/Dropout must be in eval mode.
-        inputs: `(N, ...)` batch, on the model's device.
+        inputs: `(N, ...)` tensor on the model's device, or any data form of `netsim.data`
+            (Dataset, DataLoader, iterable of batches; tuple batches carry targets, dict batches
+            are keyword inputs), streamed in chunks.
         output_fn: maps the raw output batch to `(B, d)`; called as `output_fn(out)` or, when
-            `targets` is given, `output_fn(out, targets_batch)`.
+            there are targets, `output_fn(out, targets_batch)`.
         chunk_size: samples per vmap call (default `DEFAULT_CHUNK`); the last chunk may be shorter.
         targets: optional `(N, ...)` per-sample side information for `output_fn` (class labels).
+        params: the parameters to differentiate against (`netsim.params`; default: all trainable).
+        targets_key: the key of the targets in dict batches.
 
     Raises:
         NonFiniteError: samples whose Jacobian holds NaN or inf (blamed on their input, output
             or gradient), when their chunk is reached.
     """
     check_model(model)
-    check_batch(model, inputs, targets)
+    source = as_source(inputs, targets, targets_key=targets_key, name="inputs", device=model_device(model))
+    check_data(model, source)
     check_positive_int("chunk_size", chunk_size, optional=True)
-    params = trainable_parameters(model)
-    chunk = chunk_size or DEFAULT_CHUNK
+    selected = trainable_parameters(model, params)
     # jacrev differentiates w.r.t. these detached copies, so no graph reaches the model.
-    detached = {n: p.detach() for n, p in params.items()}
-    jac = _single_sample_jacobian(model, output_fn, targets is not None)
-    batched = vmap(jac, in_dims=(None, 0, 0) if targets is not None else (None, 0))
-    for start in range(0, inputs.shape[0], chunk):
-        x = inputs[start:start + chunk]
-        args = (detached, x) if targets is None else (detached, x, targets[start:start + chunk])
-        per_param = batched(*args)
-        n, d = x.shape[0], next(iter(per_param.values())).shape[1]
-        J = torch.cat([per_param[name].reshape(n, d, -1) for name in params], dim=2)
+    detached = {n: p.detach() for n, p in selected.items()}
+    batched = {}
+    for start, x, t in source.chunks(chunk_size or DEFAULT_CHUNK):
+        check_batch(model, x, t)
+        if (t is not None) not in batched:
+            jac = _single_sample_jacobian(model, output_fn, t is not None, selected)
+            batched[t is not None] = vmap(jac, in_dims=(None, 0, 0) if t is not None else (None, 0))
+        per_param = batched[t is not None](detached, x) if t is None else batched[True](detached, x, t)
+        n, d = input_rows(x), next(iter(per_param.values())).shape[1]
+        J = torch.cat([per_param[name].reshape(n, d, -1) for name in selected], dim=2)
         bad = nonfinite_rows(J)
         if bool(bad.any()):
-            raise nonfinite_error(model, x, output_fn, None if targets is None else args[2], bad, start)
+            raise nonfinite_error(model, x, output_fn, t, bad, start)
         yield start, J
 
 
-def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], output_fn: OutputFn | None = None,
-               targets: Tensor | None = None) -> Tensor:
-    """J(x) v for every sample at once: the change of every output along a parameter direction v.
+def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], output_fn: OutputFn | None = None,
+               targets: Tensor | None = None, *, params: ParamSpec = None) -> Tensor:
+    """J(x) v for every sample of one batch at once: the change of every output along a parameter direction v.
 
     One forward-mode pass (`torch.func.jvp`) over the batch: no backward pass, no per-sample
     gradient. The rows of J(x) v are the dot products of the per-sample gradients with v.
 
     Args:
-        tangent: {name: tensor} for every trainable parameter (the direction v), each of its
+        inputs: one batch, `(n, ...)` tensor or a dict of tensors (keyword inputs).
+        tangent: {name: tensor} for every selected parameter (the direction v), each of its
             parameter's shape, dtype and device.
+        params: the selected parameters (`netsim.params`; default: all trainable).
 
     Returns:
         `(n, d)`.
@@ -174,15 +214,15 @@ def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], out
     """
     check_model(model)
     check_batch(model, inputs, targets)
-    params = trainable_parameters(model)
-    if not isinstance(tangent, dict) or set(tangent) != set(params):
-        raise ValueError("the tangent must be a dict giving a direction for every trainable parameter (and no other)")
-    for name, p in params.items():
+    selected = trainable_parameters(model, params)
+    if not isinstance(tangent, dict) or set(tangent) != set(selected):
+        raise ValueError("the tangent must be a dict giving a direction for every selected parameter (and no other)")
+    for name, p in selected.items():
         t = tangent[name]
         if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
             raise ValueError(f"tangent[{name!r}] must be a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}")
-    output = _functional_output(model, output_fn)
-    primals = {k: v.detach() for k, v in params.items()}
+    output = _functional_output(model, output_fn, selected)
+    primals = {k: v.detach() for k, v in selected.items()}
     jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
     bad = nonfinite_rows(jv)
     if bool(bad.any()):
@@ -192,20 +232,29 @@ def output_jvp(model: nn.Module, inputs: Tensor, tangent: dict[str, Tensor], out
 
 def per_sample_grads(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = None,
     targets: Tensor | None = None,
+    *,
+    params: ParamSpec = None,
+    targets_key: str | None = None,
 ) -> Tensor:
-    """Exact per-sample Jacobians of `output_fn(model(x))` w.r.t. all trainable parameters.
+    """Exact per-sample Jacobians of `output_fn(model(x))` w.r.t. the selected parameters.
 
     Args:
         model: the network; parameters with `requires_grad=False` are left out.
-        inputs: `(N, ...)` batch.
+        inputs: `(N, ...)` tensor, or a Dataset, DataLoader or iterable of batches (`netsim.data`),
+            read once.
         output_fn: maps the raw output batch to `(B, d)` (default: the raw output, which must
-            be `(B, d)` or `(B,)`).
+            be `(B, d)` or `(B,)`; a tuple, dict or dataclass output needs an `output_fn`, which
+            receives it unchanged).
         chunk_size: samples per vmap call.
         targets: optional per-sample side information passed to `output_fn`.
+        params: the parameters to differentiate against: name patterns (fnmatch, e.g.
+            `["head.*"]`) or a callable `(name, parameter) -> bool` (`netsim.params`);
+            default every trainable parameter.
+        targets_key: the key of the targets in dict batches.
 
     Returns:
         `(N, d, p)` tensor: row `J[n, i]` is the gradient of output i at sample n.
@@ -214,10 +263,19 @@ def per_sample_grads(
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> per_sample_grads(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
+        >>> per_sample_grads(net, torch.randn(5, 3), params=["2.*"]).shape
+        torch.Size([5, 2, 10])
     """
-    out = None
-    for start, J in iter_jacobians(model, inputs, output_fn, chunk_size, targets):
+    check_model(model)
+    source = as_source(inputs, targets, targets_key=targets_key, name="inputs", device=model_device(model))
+    check_data(model, source)
+    length = source.length
+    out, parts = None, []
+    for start, J in iter_jacobians(model, source, output_fn, chunk_size, params=params):
+        if length is None:  # unknown length (a generator): the chunks are joined at the end
+            parts.append(J)
+            continue
         if out is None:  # preallocated: concatenating chunks would briefly hold G twice
-            out = J.new_empty((inputs.shape[0], *J.shape[1:]))
+            out = J.new_empty((length, *J.shape[1:]))
         out[start:start + J.shape[0]] = J
-    return out
+    return torch.cat(parts) if length is None else out

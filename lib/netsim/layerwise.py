@@ -6,15 +6,37 @@ Delta^a(x). One batched forward (hooks record X) and d batched backward passes (
 sum_x f^a(x) w.r.t. each module output; samples do not interact) give both for a whole chunk.
 Per-layer rules then turn them into kernel blocks:
 
-- Linear (inputs `(n, in)`): grad_W = Delta^T X, grad_b = Delta. Kept as the factors
-  ("linear" entries): the gram between samples is (Delta_x . Delta_y) * (X_x . X_y + 1),
-  O(n m (in + out)) instead of O(n m in out). Tiny layers (e.g. 2 inputs or 1 output) are
-  materialised instead, as their factored grams would starve the GEMMs.
-- Conv2d (groups = 1): per-sample gradients by `unfold`, Delta (out, P) @ U(P, in k k)^T;
-  convolution parameters are few, so they are materialised ("dense" entries).
-- Any other module with direct parameters: the generic rule -- per-sample copies of its
-  parameters, one vmapped forward of that module alone, one batched backward per output
-  row with cotangent Delta ("dense").
+Supported layer types and what each rule stores:
+
+- Linear on `(n, in)` inputs: grad_W = Delta^T X, grad_b = Delta. Kept as the factors
+  ("linear" entries, `LinearFactors`: X `(n, in)`, Delta `(n, d, out)`): the gram between
+  samples is (Delta_x . Delta_y) * (X_x . X_y + 1), O(n m (in + out)) instead of
+  O(n m in out). Tiny layers (e.g. 2 inputs or 1 output) are materialised instead, as their
+  factored grams would starve the GEMMs.
+- Linear on `(n, *positions, in)` inputs (tokens): the weight is shared by the positions, the
+  per-sample gradient is sum_t Delta_t^T X_t, materialised ("dense" entries, `DenseFactors`:
+  `(n, d, out in + out)`) by one einsum. A factored form would cost O(n m T^2 (in + d out))
+  per gram block against O(n m d out in): cheaper only for few tokens and wide layers.
+- Conv1d / Conv2d (groups = 1, zero padding): per-sample gradients by `unfold`,
+  Delta (out, P) @ U(P, in k)^T ("dense").
+- Embedding (no `max_norm`): the per-sample gradient scatters Delta_t into the rows of the
+  sample's tokens (one-hot @ Delta, "dense" `(n, d, vocab dim)`; the `padding_idx` row stays zero).
+- LayerNorm, GroupNorm, BatchNorm1d/2d/3d in eval mode with running statistics: output =
+  x_hat * weight + bias with x_hat the normalised input (recomputed from the recorded input;
+  for BatchNorm from the running statistics), so grad_weight = sum over positions of
+  x_hat * Delta and grad_bias = sum of Delta ("dense" `(n, d, 2 C)`).
+- MultiheadAttention (self-attention, `query is key is value`, packed in_proj, no
+  bias_k / bias_v / add_zero_attn; as inside `nn.TransformerEncoderLayer`, batch_first or not,
+  with key padding and attention masks): while recording, the module runs a decomposed
+  forward (in_proj -> scaled dot-product attention -> out_proj) that records the two linear
+  maps' inputs and outputs; each is then a Linear over token positions (two "dense" entries:
+  in_proj_weight/in_proj_bias, then out_proj.weight/out_proj.bias).
+- Any other module with direct parameters (PReLU, Bilinear, ...): the generic rule --
+  per-sample copies of its parameters, one vmapped forward of that module alone, one batched
+  backward per output row with cotangent Delta ("dense").
+
+Recurrent modules (LSTM, GRU) take or return several tensors: `factorise` refuses them,
+naming the module, and `method="auto"` uses the Jacobian engine.
 
 `factorise` refuses models whose structure breaks the rules (a module called twice, shared or
 tied parameters, parameters used outside their module); callers then fall back to the
@@ -28,12 +50,16 @@ avoid forming, storing and multiplying p-long vectors.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn import functional as F
 
 from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
 from .grads import OutputFn, nonfinite_error, trainable_parameters
@@ -71,10 +97,18 @@ class DenseFactors:
 
 
 def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
-    """Modules owning trainable parameters directly, with those parameters; checks ownership."""
-    owners, seen = [], {}
+    """Modules owning trainable parameters directly, with those parameters; checks ownership.
+
+    A composite module (`_COMPOSITES`: MultiheadAttention) owns its children's parameters too
+    (`out_proj.weight`...), in `named_parameters` order, and its children are not owners."""
+    owners, seen, inside = [], {}, []
     for name, module in model.named_modules(remove_duplicate=False):
-        direct = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        members = module.named_parameters(recurse=True) if type(module) in _COMPOSITES else module._parameters.items()
+        direct = {k: p for k, p in members if p is not None and p.requires_grad}
+        if type(module) in _COMPOSITES:
+            inside.append(f"{name}." if name else "")
         if not direct:
             continue
         for p in direct.values():
@@ -86,6 +120,24 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Ten
     if sum(p.numel() for _, _, d in owners for p in d.values()) != total:
         raise UnsupportedModel("some trainable parameters are not owned by a module")
     return owners
+
+
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Turns off PyTorch's fused attention inference kernels inside the block, restoring the setting after.
+
+    In eval mode without gradients, `nn.TransformerEncoderLayer` and `nn.MultiheadAttention`
+    run `torch._transformer_encoder_layer_fwd` / `_native_multi_head_attention`, which bypass
+    their submodules' hooks and have no forward-mode AD rule (`torch.func.jvp` fails with
+    NotImplementedError). With `torch.backends.mha.set_fastpath_enabled(False)` they run their
+    ordinary, differentiable path, which computes the same function.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 class InPlaceModified(UnsupportedModel):
@@ -138,39 +190,120 @@ def without_inplace(model: nn.Module) -> nn.Module:
 
 
 def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
-    """One recorded forward: (output, [(input, output)] per owner, name of the first owner
-    whose recorded tensors were modified in place afterwards or None)."""
+    """One recorded forward: (output, [[(input, output), ...] per owner], name of the first
+    owner whose recorded tensors were modified in place afterwards or None). Plain owners
+    record one (input, output) pair by a forward hook; composite owners run their recording
+    forward (`_COMPOSITES`), which records one pair per linear map."""
     records: dict[int, list] = {id(m): [] for _, m, _ in owners}
+    names = {id(m): name for name, m, _ in owners}
 
     def hook(module, args, output):
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
-            raise UnsupportedModel(f"{type(module).__name__} takes or returns more than one tensor")
-        x = args[0].detach()
-        if copy:
-            x = x.clone()
-        records[id(module)].append((x, x._version, output, output._version))
-        return output.clone() if copy else None  # the copy is what the rest of the forward sees
+            raise UnsupportedModel(f"{type(module).__name__} {names[id(module)]!r} takes or returns more than one "
+                                   "tensor: no layer-wise rule (method='jacobian' handles it)")
+        call = []
+        records[id(module)].append(call)
+        return _keep(call, args[0], output, copy)
 
-    handles = [m.register_forward_hook(hook) for _, m, _ in owners]
+    handles, patched = [], {}
+    for _, m, _ in owners:
+        if type(m) in _COMPOSITES:
+            patched[m] = m.__dict__.get("forward")   # an instance-level forward, if the user set one
+            m.forward = _composite_forward(m, records[id(m)], copy)
+        else:
+            handles.append(m.register_forward_hook(hook))
     try:
-        out = model(inputs)
+        with unfused_attention():
+            out = model(inputs)
     finally:
         for h in handles:
             h.remove()
+        for m, forward in patched.items():
+            if forward is None:
+                del m.forward  # the class's forward again
+            else:
+                m.forward = forward
     pairs, modified = [], None
     for name, m, _ in owners:
         if len(records[id(m)]) != 1:
             raise UnsupportedModel(f"module {name!r} ran {len(records[id(m)])} times in one forward pass")
-        x, x_version, o, o_version = records[id(m)][0]
-        if modified is None and (o._version != o_version or x._version != x_version):
-            modified = name
-        pairs.append((x, o))
+        call = records[id(m)][0]
+        for x, x_version, o, o_version in call:
+            if modified is None and (o._version != o_version or x._version != x_version):
+                modified = name
+        pairs.append([(x, o) for x, _, o, _ in call])
     return out, pairs, modified
+
+
+def _keep(call: list, x: Tensor, output: Tensor, copy: bool) -> Tensor | None:
+    """Records one linear map's (input, output) in `call`; returns what the rest of the forward
+    sees instead of `output` (a copy when recording with copies, else None: unchanged)."""
+    x = x.detach()
+    if copy:
+        x = x.clone()
+    call.append((x, x._version, output, output._version))
+    return output.clone() if copy else None
+
+
+def _composite_forward(module: nn.Module, sink: list, copy: bool):
+    """The recording forward of a composite module (bound to it while recording)."""
+    def forward(*args, **kwargs):
+        call = []
+        sink.append(call)
+        return _COMPOSITES[type(module)][0](module, call, copy, *args, **kwargs)
+    return forward
+
+
+def _attention_forward(module: nn.MultiheadAttention, call: list, copy: bool, query: Tensor, key: Tensor,
+                       value: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                       attn_mask: Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False):
+    """`nn.MultiheadAttention.forward` for self-attention, decomposed so that the inputs and
+    outputs of in_proj and out_proj are recorded in `call`. Masks follow PyTorch: boolean True
+    (or -inf) masks a position out, float masks are added to the scores."""
+    if not (query is key and key is value):
+        raise UnsupportedModel("MultiheadAttention: the layer-wise rule covers self-attention (query is key is value)")
+    if (not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn
+            or (module.training and module.dropout > 0) or query.ndim != 3):
+        raise UnsupportedModel("MultiheadAttention with separate q/k/v weights, bias_k/v, add_zero_attn, "
+                               "dropout in training or unbatched input: no layer-wise rule")
+    x = query if module.batch_first else query.transpose(0, 1)
+    n, t, e = x.shape
+    heads = module.num_heads
+    qkv = F.linear(x, module.in_proj_weight, module.in_proj_bias)
+    qkv = _or(_keep(call, x, qkv, copy), qkv)
+    q, k, v = (part.reshape(n, t, heads, e // heads).transpose(1, 2) for part in qkv.chunk(3, -1))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(e // heads)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+    if attn_mask is not None:  # (t, t), or (n heads, t, t) with the heads of a sample together
+        mask = _additive(attn_mask, x.dtype)
+        scores = scores + (mask.reshape(n, heads, t, t) if mask.ndim == 3 else mask)
+    if key_padding_mask is not None:
+        scores = scores + _additive(key_padding_mask, x.dtype).reshape(n, 1, 1, t)
+    weights = scores.softmax(-1)
+    ctx = (weights @ v).transpose(1, 2).reshape(n, t, e)
+    out = F.linear(ctx, module.out_proj.weight, module.out_proj.bias)
+    out = _or(_keep(call, ctx, out, copy), out)
+    out = out if module.batch_first else out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _or(replacement: Tensor | None, tensor: Tensor) -> Tensor:
+    return tensor if replacement is None else replacement
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = masked out) as -inf / 0 scores; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
     if x.ndim != 2:
-        return None  # sequence inputs share the weight across positions: generic rule
+        return _positions_linear(x, delta, "weight" in params, "bias" in params)
     factors = LinearFactors(x=x, delta=delta, bias="bias" in params, weight="weight" in params)
     n, d, out = delta.shape
     p_layer = (x.shape[1] if factors.weight else 0) * out + (out if factors.bias else 0)
@@ -181,17 +314,89 @@ def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
     return factors
 
 
-def _conv_rule(module: nn.Conv2d, params, x: Tensor, delta: Tensor):
+def _positions_linear(x: Tensor, delta: Tensor, weight: bool, bias: bool) -> DenseFactors:
+    """A linear map applied at every position of `x` `(n, *positions, in)`, `delta` `(n, d, *positions, out)`:
+    per-sample gradients sum_t Delta_t^T X_t (weight, `(n, d, out in)`) and sum_t Delta_t (bias)."""
+    n, d = delta.shape[:2]
+    xs = x.reshape(n, -1, x.shape[-1])
+    ds = delta.reshape(n, d, xs.shape[1], delta.shape[-1])
+    parts = []
+    if weight:
+        parts.append(torch.einsum("nato,nti->naoi", ds, xs).reshape(n, d, -1))
+    if bias:
+        parts.append(ds.sum(2))
+    return DenseFactors(torch.cat(parts, 2))
+
+
+def _conv_rule(module: nn.Conv1d | nn.Conv2d, params, x: Tensor, delta: Tensor):
     if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
         return None
+    kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    if isinstance(module, nn.Conv1d):  # a Conv2d with a 1-high kernel over a 1-high image
+        x, delta = x.unsqueeze(2), delta.unsqueeze(3)
+        kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
     n, d = delta.shape[:2]
     parts = []
     if "weight" in params:
-        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        cols = F.unfold(x, kernel, dilation, padding, stride)
         parts.append(torch.einsum("naop,nkp->naok", delta.flatten(3), cols).reshape(n, d, -1))
     if "bias" in params:
         parts.append(delta.sum((3, 4)))
     return DenseFactors(torch.cat(parts, 2))
+
+
+def _embedding_rule(module: nn.Embedding, params, x: Tensor, delta: Tensor):
+    if module.max_norm is not None:  # renormalises rows in place during the forward: generic rule
+        return None
+    n, d = delta.shape[:2]
+    onehot = F.one_hot(x.reshape(n, -1), module.num_embeddings).to(delta.dtype)   # (n, T, vocab)
+    if module.padding_idx is not None:
+        onehot[..., module.padding_idx] = 0.0     # F.embedding gives that row no gradient
+    ds = delta.reshape(n, d, onehot.shape[1], module.embedding_dim)
+    return DenseFactors(torch.einsum("ntv,nate->nave", onehot, ds).reshape(n, d, -1))
+
+
+def _affine_grads(params, x_hat: Tensor, delta: Tensor, positions: tuple[int, ...]) -> DenseFactors:
+    """Per-sample gradients of an elementwise affine map x_hat * weight + bias, summed over the
+    `positions` dimensions of `delta` `(n, d, *out_shape)` (those that share a weight entry)."""
+    n, d = delta.shape[:2]
+
+    def total(t: Tensor) -> Tensor:
+        return t.sum(positions) if positions else t  # sum(()) would sum over every dimension
+
+    grads = {"weight": lambda: total(x_hat.unsqueeze(1) * delta), "bias": lambda: total(delta)}
+    return DenseFactors(torch.cat([grads[k]().reshape(n, d, -1) for k in params], 2))
+
+
+def _layer_norm_rule(module: nn.LayerNorm, params, x: Tensor, delta: Tensor):
+    x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    return _affine_grads(params, x_hat, delta, tuple(range(2, delta.ndim - len(module.normalized_shape))))
+
+
+def _group_norm_rule(module: nn.GroupNorm, params, x: Tensor, delta: Tensor):
+    x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    return _affine_grads(params, x_hat, delta, tuple(range(3, delta.ndim)))
+
+
+def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, params, x: Tensor, delta: Tensor):
+    if module.training or module.running_mean is None:  # batch statistics couple the samples
+        return None
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x_hat = (x - module.running_mean.reshape(shape)) / (module.running_var.reshape(shape) + module.eps).sqrt()
+    return _affine_grads(params, x_hat, delta, tuple(range(3, delta.ndim)))
+
+
+def _attention_rule(module: nn.MultiheadAttention, params, records: list) -> list:
+    """in_proj and out_proj as linear maps over the tokens (`_positions_linear`), from the pairs
+    recorded by `_attention_forward`."""
+    entries = []
+    for (x, delta), (weight, bias) in zip(records, (("in_proj_weight", "in_proj_bias"),
+                                                    ("out_proj.weight", "out_proj.bias"))):
+        if weight in params or bias in params:
+            entry = _positions_linear(x, delta, weight in params, bias in params)
+            entry.names = tuple(k for k in (weight, bias) if k in params)
+            entries.append(entry)
+    return entries
 
 
 def _generic_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseFactors:
@@ -212,7 +417,16 @@ def _generic_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseF
     return DenseFactors(torch.stack(rows, 1))
 
 
-_RULES = {nn.Linear: _linear_rule, nn.Conv2d: _conv_rule}
+#: One rule per module type: rule(module, {name: trainable parameter}, recorded input, Delta
+#: `(n, d, *output_shape)`) -> `LinearFactors` / `DenseFactors`, or None for the generic rule.
+_RULES = {
+    nn.Linear: _linear_rule, nn.Conv1d: _conv_rule, nn.Conv2d: _conv_rule, nn.Embedding: _embedding_rule,
+    nn.LayerNorm: _layer_norm_rule, nn.GroupNorm: _group_norm_rule, nn.BatchNorm1d: _batch_norm_rule,
+    nn.BatchNorm2d: _batch_norm_rule, nn.BatchNorm3d: _batch_norm_rule,
+}
+#: Modules that own their children's parameters and record several linear maps per call:
+#: type -> (recording forward, rule(module, params, [(input, Delta), ...]) -> [entries with names]).
+_COMPOSITES = {nn.MultiheadAttention: (_attention_forward, _attention_rule)}
 
 
 def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
@@ -250,21 +464,29 @@ def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | Non
             out = output_fn(out) if targets is None else output_fn(out, targets)
         out = as_output_matrix(out, inputs.shape[0])
         n, d = out.shape
-        layer_outputs = [o for _, o in records]
-        deltas = [[] for _ in records]
+        layer_outputs = [o for pairs in records for _, o in pairs]
+        deltas = [[] for _ in layer_outputs]
         for a in range(d):
             grads = torch.autograd.grad(out[:, a].sum(), layer_outputs, retain_graph=a < d - 1,
                                         allow_unused=True)
             for k, (g, o) in enumerate(zip(grads, layer_outputs)):
                 deltas[k].append(torch.zeros_like(o) if g is None else g)
+    deltas = iter([torch.stack(delta, 1).detach() for delta in deltas])   # (n, d, *out_shape) each
     factors = []
-    for (name, module, params), (x, _), delta in zip(owners, records, deltas):
-        delta = torch.stack(delta, 1).detach()                     # (n, d, *out_shape)
-        rule = _RULES.get(type(module))
-        entry = rule(module, params, x, delta) if rule is not None else None
-        entry = entry if entry is not None else _generic_rule(module, params, x, delta)
-        entry.names = tuple(f"{name}.{k}" if name else k for k in params)
-        factors.append(entry)
+    for (name, module, params), pairs in zip(owners, records):
+        pairs = [(x, next(deltas)) for x, _ in pairs]
+        if type(module) in _COMPOSITES:
+            entries = _COMPOSITES[type(module)][1](module, params, pairs)
+        else:
+            (x, delta), = pairs
+            rule = _RULES.get(type(module))
+            entry = rule(module, params, x, delta) if rule is not None else None
+            entry = entry if entry is not None else _generic_rule(module, params, x, delta)
+            entry.names = tuple(params)
+            entries = [entry]
+        for entry in entries:
+            entry.names = tuple(f"{name}.{k}" if name else k for k in entry.names)
+        factors += entries
     bad = torch.zeros(inputs.shape[0], dtype=torch.bool, device=out.device)
     for f in factors:
         for t in (f.grads,) if isinstance(f, DenseFactors) else (f.x, f.delta):

@@ -14,15 +14,21 @@ which both engines implement with identical results (tested against each other):
     dot_with_sums(R, S)   J(x) S^T                             (n, d, d_S)
     max_abs(R)            an upper bound of each sample's max|J|  (n,)  (for exact rescaling)
 
-`engine_for(model, ..., method="auto")` picks the layer-wise engine when the model's structure
-allows it (see `layerwise.factorise`) and the Jacobian engine otherwise. Both engines raise
+`engine_for(model, ..., method="auto")` measures: when the model's structure allows the
+layer-wise rules (see `layerwise.factorise`), it times one small chunk (the representation and
+its self gram) on each engine and keeps the faster, remembering the choice per model structure
+in a small LRU cache (`AUTO_CACHE_SIZE` entries; no model is kept alive); otherwise it uses the
+Jacobian engine. Both engines are exact, so the choice changes results only by rounding; pass
+`method=` explicitly for bit-for-bit reproducible results across machines. Both engines raise
 `NonFiniteError` for a chunk with NaN or infinite gradients, indices counted within `chunks`'
 inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -203,15 +209,30 @@ def _tensors(factors: list) -> list[Tensor]:
     return [t for f in factors for t in ((f.grads,) if isinstance(f, layerwise.DenseFactors) else (f.x, f.delta))]
 
 
-def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
-               targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto"):
-    """The engine to use for this model: layer-wise when `factorise` accepts it (auto), or as asked.
+#: How many model structures `method="auto"` remembers its measured choice for.
+AUTO_CACHE_SIZE = 64
+#: Samples in the chunk `method="auto"` times on each engine, and the most bytes of
+#: representation that chunk may take (fewer samples for models with large Jacobians).
+AUTO_PROBE_SAMPLES = 16
+AUTO_PROBE_BYTES = 256 * 2**20
+_AUTO_CHOICES: OrderedDict[tuple, str] = OrderedDict()
 
-    The probe factorises the first sample (a forward and d backward passes on it), after the
-    model and the batch have been checked.
+
+def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+               targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto",
+               clock: Callable[[], float] = time.perf_counter):
+    """The engine to use for this model: the faster exact one (auto, measured), or as asked.
+
+    A probe factorises the first sample (a forward and d backward passes on it), after the
+    model and the batch have been checked. If the layer-wise rules accept the model, `auto`
+    then times both engines on the first `AUTO_PROBE_SAMPLES` samples (their representation
+    and its self gram, by `clock`) and keeps the faster; the choice is cached per model
+    structure (module types, parameter names, shapes and trainability, d, sample shape, dtype,
+    device and chunk size), so later calls on the same kind of model do not measure again.
 
     Raises:
-        ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle.
+        ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle
+            (`layerwise.UnsupportedModel`, naming the module, e.g. an LSTM).
     """
     check_choice("method", method, METHODS)
     check_model(model)
@@ -226,4 +247,40 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
         if method == "layerwise":
             raise
         return JacobianEngine(model, output_fn, chunk_size)
-    return LayerwiseEngine(model, output_fn, chunk_size, probe, copy)
+    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy)
+    if method == "layerwise":
+        return engine
+    d, itemsize = LayerwiseEngine.shape(probe)[1], _tensors(probe)[0].element_size()
+    key = _structure_key(model, inputs, targets, chunk_size, d)
+    if key not in _AUTO_CHOICES:
+        _AUTO_CHOICES[key] = _faster([engine, JacobianEngine(model, output_fn, chunk_size)], inputs, targets,
+                                     d, itemsize, clock)
+        if len(_AUTO_CHOICES) > AUTO_CACHE_SIZE:
+            _AUTO_CHOICES.popitem(last=False)
+    _AUTO_CHOICES.move_to_end(key)
+    return engine if _AUTO_CHOICES[key] == engine.name else JacobianEngine(model, output_fn, chunk_size)
+
+
+def _faster(engines: list, inputs: Tensor, targets: Tensor | None, d: int, itemsize: int,
+            clock: Callable[[], float]) -> str:
+    """The name of the engine that builds and self-grams a chunk of `inputs` in the least `clock`
+    time per sample (the first of equals). Each times up to `AUTO_PROBE_SAMPLES` samples, fewer
+    where their representation would exceed `AUTO_PROBE_BYTES`."""
+    per_sample = []
+    for engine in engines:
+        n = AUTO_PROBE_BYTES // max(engine.bytes_per_sample(d, itemsize), 1)
+        n = max(1, min(AUTO_PROBE_SAMPLES, n, inputs.shape[0]))
+        start = clock()
+        for _, rep in engine.chunks(inputs[:n], None if targets is None else targets[:n]):
+            engine.gram(rep, rep, True)
+        per_sample.append((clock() - start) / n)
+    return engines[min(range(len(engines)), key=per_sample.__getitem__)].name
+
+
+def _structure_key(model: nn.Module, inputs: Tensor, targets: Tensor | None, chunk_size: int | None,
+                   d: int) -> tuple:
+    """What the relative speed of the engines depends on, without holding the model."""
+    modules = tuple(type(m).__qualname__ for m in model.modules())
+    params = tuple((name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters())
+    return (modules, params, d, tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type, targets is None,
+            chunk_size)

@@ -1,5 +1,8 @@
-"""netsim.engine: both engines against the plain per-sample loop, the auto choice, chunk layouts,
+"""netsim.engine: both engines against the plain per-sample loop, the measured auto choice (fake clocks) and its
+cache, chunk layouts,
 and the in-place recording state kept per engine."""
+
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from torch import nn
 import netsim
 from conftest import SmallCNN, mlp, reference_jacobians
 from netsim import NonFiniteError, layerwise
+from netsim import engine as engine_module
 from netsim.engine import JacobianEngine, LayerwiseEngine, engine_for
 
 
@@ -53,20 +57,83 @@ def test_every_engine_operation_equals_the_reference_loop(name, method):
     torch.testing.assert_close(jv, J @ J.sum(0)[0], **tol)
 
 
-def test_auto_picks_layerwise_when_the_rules_apply_and_jacobians_otherwise():
-    model, xs = mlp(), torch.randn(4, 3)
-    assert isinstance(engine_for(model, xs), LayerwiseEngine)
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """An empty `auto` cache for the test (the module's cache is restored after)."""
+    monkeypatch.setattr(engine_module, "_AUTO_CHOICES", OrderedDict())
+    return engine_module._AUTO_CHOICES
+
+
+def _clock(*ticks):
+    """A fake clock returning `ticks` in turn, and failing if read once more."""
+    it = iter(ticks)
+    return lambda: next(it)
+
+
+def test_auto_times_both_engines_and_keeps_the_faster(fresh_choices):
+    xs = torch.randn(4, 3)
+    # layer-wise chunk timed first (0 -> 5), then the Jacobian one (5 -> 6): Jacobians are faster
+    assert isinstance(engine_for(mlp(), xs, clock=_clock(0.0, 5.0, 5.0, 6.0)), JacobianEngine)
+    # the same structure (another instance, other weights) is not measured again: the clock is not read
+    assert isinstance(engine_for(mlp(seed=3), torch.randn(6, 3), clock=_clock()), JacobianEngine)
+    # another structure is measured: here the layer-wise engine wins
+    assert isinstance(engine_for(mlp(hidden=5), xs, clock=_clock(0.0, 1.0, 1.0, 3.0)), LayerwiseEngine)
+    # d, the sample shape and the trainable parameters are part of the structure
+    assert isinstance(engine_for(mlp(d_out=2), xs, clock=_clock(0.0, 1.0, 1.0, 3.0)), LayerwiseEngine)
+    frozen = mlp()
+    frozen[0].weight.requires_grad_(False)
+    assert isinstance(engine_for(frozen, xs, clock=_clock(0.0, 1.0, 1.0, 3.0)), LayerwiseEngine)
+    assert len(fresh_choices) == 4
+
+
+def test_auto_compares_time_per_sample_on_a_bounded_chunk(fresh_choices, monkeypatch):
+    """Each engine times as many samples (up to 16) as fit in AUTO_PROBE_BYTES; per-sample times are compared."""
+    model, xs = mlp(hidden=40), torch.randn(20, 3)
+    jacobian_bytes = JacobianEngine(model, None, None).bytes_per_sample(1, 4)
+    layer_bytes = engine_for(model, xs, method="layerwise").bytes_per_sample(1, 4)
+    assert 8 * layer_bytes < jacobian_bytes                # wide hidden layers: factors are small
+    monkeypatch.setattr(engine_module, "AUTO_PROBE_BYTES", 2 * jacobian_bytes)
+    seen = {}
+    for cls in (JacobianEngine, LayerwiseEngine):
+        def chunks(self, inputs, targets=None, original=cls.chunks):
+            seen[self.name] = len(inputs)
+            return original(self, inputs, targets)
+        monkeypatch.setattr(cls, "chunks", chunks)
+    # layer-wise: 16 samples in 8 s (0.5 s each); Jacobians: 2 samples in 2 s (1 s each)
+    assert isinstance(engine_for(model, xs, clock=_clock(0.0, 8.0, 8.0, 10.0)), LayerwiseEngine)
+    assert seen == {"layerwise": 16, "jacobian": 2}
+
+
+def test_the_auto_cache_is_bounded(fresh_choices, monkeypatch):
+    monkeypatch.setattr(engine_module, "AUTO_CACHE_SIZE", 2)
+    xs = torch.randn(3, 3)
+    for hidden in (3, 4, 5):
+        engine_for(mlp(hidden=hidden), xs, clock=_clock(0.0, 1.0, 1.0, 2.0))
+    assert len(fresh_choices) == 2
+    assert [key[1][0][1] for key in fresh_choices] == [(4, 3), (5, 3)]   # the oldest structure was dropped
+
+
+def test_auto_falls_back_to_jacobians_when_the_rules_refuse_the_model(fresh_choices):
+    xs = torch.randn(4, 3)
     tied = mlp(hidden=3, d_in=3)
     tied[2].weight = tied[0].weight                       # one parameter in two modules
-    assert isinstance(engine_for(tied, xs), JacobianEngine)
+    assert isinstance(engine_for(tied, xs, clock=_clock()), JacobianEngine)   # nothing to measure
     with pytest.raises(layerwise.UnsupportedModel, match="shared"):
         engine_for(tied, xs, method="layerwise")
+    assert not fresh_choices
+
+
+def test_auto_with_real_timing_equals_both_engines():
+    model, xs = _models()["cnn"]
+    results = {m: netsim.similarity(model, xs, method=m) for m in ("auto", "layerwise", "jacobian")}
+    torch.testing.assert_close(results["auto"], results["layerwise"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["auto"], results["jacobian"], rtol=1e-5, atol=1e-5)
 
 
 def test_default_chunks_follow_the_size_of_a_sample():
-    small = engine_for(mlp(), torch.randn(4, 3))
+    small = engine_for(mlp(), torch.randn(4, 3), method="layerwise")
     assert 16 <= small.chunk <= 256
-    assert engine_for(mlp(), torch.randn(4, 3), chunk_size=5).chunk == 5
+    assert engine_for(mlp(), torch.randn(4, 3), chunk_size=5, method="layerwise").chunk == 5
     assert engine_for(mlp(), torch.randn(4, 3), method="jacobian").chunk == netsim.grads.DEFAULT_CHUNK
 
 
@@ -87,12 +154,12 @@ def test_in_place_recording_is_found_once_and_kept_on_the_engine():
     runs exactly one forward, and nothing is remembered outside the engine."""
     model, xs = _models()["inplace_cnn"]
     counted = _Counting(model)
-    engine = engine_for(counted, xs, chunk_size=3)
+    engine = engine_for(counted, xs, chunk_size=3, method="layerwise")
     assert engine.copy_records is True and counted.calls == 2
     counted.calls = 0
     list(engine.chunks(xs))
     assert counted.calls == 3                               # 7 samples, chunks of 3
-    fresh = engine_for(_Counting(netsim.without_inplace(model)), xs)
+    fresh = engine_for(_Counting(netsim.without_inplace(model)), xs, method="layerwise")
     assert fresh.copy_records is False
     torch.testing.assert_close(netsim.similarity(counted, xs, method="layerwise"),
                                netsim.similarity(model, xs, method="jacobian"), rtol=1e-5, atol=1e-5)

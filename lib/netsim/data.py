@@ -65,7 +65,7 @@ def _to(inputs, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def split_batch(batch, targets_key: str | None = None) -> tuple[Inputs, Tensor | None]:
+def split_batch(batch, targets_key: str | None = None, name: str = "xs") -> tuple[Inputs, Tensor | None]:
     """`(inputs, targets)` of one batch (see the module for the forms); targets may be None.
 
     Raises:
@@ -90,7 +90,7 @@ def split_batch(batch, targets_key: str | None = None) -> tuple[Inputs, Tensor |
         if not inputs:
             raise ValueError("the dict batch has no input left once the targets are taken out")
     else:
-        raise TypeError("a batch must be a tensor, a tuple (x, y, ...) or a dict of tensors, got "
+        raise TypeError(f"each batch of {name} must be a tensor, a tuple (x, y, ...) or a dict of tensors, got "
                         f"{type(batch).__name__}")
     if isinstance(inputs, dict):
         for k, v in inputs.items():
@@ -102,7 +102,8 @@ def split_batch(batch, targets_key: str | None = None) -> tuple[Inputs, Tensor |
             raise ValueError("the tensors of a dict batch must share their first dimension (the samples): got "
                              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items()))
     elif not isinstance(inputs, Tensor):
-        raise TypeError(f"the input of a batch must be a tensor or a dict of tensors, got {type(inputs).__name__}")
+        raise TypeError(f"the input of each batch of {name} must be a tensor or a dict of tensors, got "
+                        f"{type(inputs).__name__}")
     if targets is not None and not isinstance(targets, Tensor):
         targets = torch.as_tensor(targets)
     return inputs, targets
@@ -134,10 +135,11 @@ class Source:
         """`(position of the first batch, batches)`; the batches begin at or before `start`."""
         raise NotImplementedError
 
-    def chunks(self, size: int, start: int = 0, stop: int | None = None
+    def chunks(self, size: int, start: int = 0, stop: int | None = None, *, block: int | None = None
                ) -> Iterator[tuple[int, Inputs, Tensor | None]]:
         """`(offset, inputs, targets)` for samples `[start, stop)` in chunks of `size` (the last may be
-        shorter), on the model's device. One pass over the data.
+        shorter), on the model's device. One pass over the data. With `block`, chunks also end at
+        every multiple of `block` after `start` (row blocks made of whole chunks, in one pass).
 
         Raises:
             ValueError: a second pass over a one-shot iterator; targets given both as `targets=` and in
@@ -148,10 +150,10 @@ class Source:
             raise ValueError(f"{self.name} is a one-shot iterator (e.g. a generator) that was already read: "
                              "pass a re-iterable (a list of batches, a Dataset or a DataLoader)")
         self._passes += 1
-        return self._chunks(size, start, stop)
+        return self._chunks(size, start, stop, block)
 
-    def _chunks(self, size, start, stop):
-        whole = start == 0 and stop is None
+    def _chunks(self, size, start, stop, block=None):
+        whole, origin = start == 0 and stop is None, start
         position, batches = self._batches(start)
         pending, held, seen_targets = [], 0, None
         for inputs, targets in batches:
@@ -178,14 +180,14 @@ class Source:
                 inputs, targets = index_inputs(inputs, slice(lo, hi)), None if targets is None else targets[lo:hi]
             pending.append((inputs, targets))
             held += hi - lo
-            while held >= size:  # cut and join the batches to chunks of exactly `size`
+            while held >= (want := _chunk_length(size, block, start - origin)):  # cut and join to chunks
                 joined, joined_targets = _cat([p[0] for p in pending]), _cat([p[1] for p in pending])
-                yield (start, _to(index_inputs(joined, slice(0, size)), self.device),
-                       None if joined_targets is None else _to(joined_targets[:size], self.device))
-                start += size
-                held -= size
-                pending = [(index_inputs(joined, slice(size, None)),
-                            None if joined_targets is None else joined_targets[size:])] if held else []
+                yield (start, _to(index_inputs(joined, slice(0, want)), self.device),
+                       None if joined_targets is None else _to(joined_targets[:want], self.device))
+                start += want
+                held -= want
+                pending = [(index_inputs(joined, slice(want, None)),
+                            None if joined_targets is None else joined_targets[want:])] if held else []
             if stop is not None and position >= stop:
                 break
         if held:
@@ -196,6 +198,10 @@ class Source:
         if whole and self.targets is not None and position != self.targets.shape[0]:
             raise ValueError(f"the targets passed for {self.name} have {self.targets.shape[0]} rows for "
                              f"{position} samples: one per sample needed")
+
+    def rows(self, start: int, stop: int) -> Source:
+        """The samples `[start, stop)` as a source of their own (offsets counted from `start`)."""
+        return _Rows(self, start, stop)
 
     def first(self) -> tuple[Inputs, Tensor | None]:
         """The first sample, `(1, ...)` inputs and targets (not counted as a pass: one-shot data keeps it)."""
@@ -209,11 +215,13 @@ class TensorSource(Source):
         super().__init__(name, targets, None, None)  # a tensor stays where it is: check_batch names a mismatch
         self.data, self.length = data, data.shape[0]
 
-    def _chunks(self, size, start, stop):
+    def _chunks(self, size, start, stop, block=None):
         stop = self.length if stop is None else min(stop, self.length)
-        for s in range(start, stop, size):
-            e = min(stop, s + size)
+        s = start
+        while s < stop:
+            e = min(stop, s + _chunk_length(size, block, s - start))
             yield s, self.data[s:e], None if self.targets is None else self.targets[s:e]
+            s = e
 
 
 class DatasetSource(Source):
@@ -224,14 +232,14 @@ class DatasetSource(Source):
         self.data, self.length = data, len(data)
         self._size = 1
 
-    def _chunks(self, size, start, stop):
+    def _chunks(self, size, start, stop, block=None):
         self._size = size
-        yield from super()._chunks(size, start, stop)
+        yield from super()._chunks(size, start, stop, block)
 
     def _batches(self, start):
         end = self.length
         return start, (split_batch(default_collate([self.data[i] for i in range(s, min(end, s + self._size))]),
-                                   self.targets_key) for s in range(start, end, self._size))
+                                   self.targets_key, self.name) for s in range(start, end, self._size))
 
 
 class IterableSource(Source):
@@ -244,7 +252,7 @@ class IterableSource(Source):
         if isinstance(data, DataLoader):
             self.length = _loader_length(data)
         elif isinstance(data, (list, tuple)) and batched:  # in memory: counting costs nothing
-            self.length = sum(input_rows(split_batch(b, targets_key)[0]) for b in data)
+            self.length = sum(input_rows(split_batch(b, targets_key, name)[0]) for b in data)
         self._replay: list = []       # a one-shot iterator's items read by `first`, replayed by the pass
         self._iterator = None if self.reiterable else iter(data)
 
@@ -260,7 +268,7 @@ class IterableSource(Source):
 
     def _batches(self, start):
         if self.batched:
-            return 0, (split_batch(batch, self.targets_key) for batch in self._raw())
+            return 0, (split_batch(batch, self.targets_key, self.name) for batch in self._raw())
         return 0, self._collated()
 
     def _collated(self):
@@ -268,10 +276,29 @@ class IterableSource(Source):
         for item in self._raw():
             samples.append(item)
             if len(samples) == 64:
-                yield split_batch(default_collate(samples), self.targets_key)
+                yield split_batch(default_collate(samples), self.targets_key, self.name)
                 samples = []
         if samples:
-            yield split_batch(default_collate(samples), self.targets_key)
+            yield split_batch(default_collate(samples), self.targets_key, self.name)
+
+
+class _Rows(Source):
+    """A contiguous range of another source's samples."""
+
+    def __init__(self, parent: Source, start: int, stop: int):
+        super().__init__(parent.name, None, None, parent.device)
+        self.parent, self.start, self.stop = parent, start, stop
+        self.length, self.reiterable = stop - start, parent.reiterable
+
+    def _chunks(self, size, start, stop, block=None):
+        stop = self.length if stop is None else min(stop, self.length)
+        for offset, inputs, targets in self.parent.chunks(size, self.start + start, self.start + stop, block=block):
+            yield offset - self.start, inputs, targets
+
+
+def _chunk_length(size: int, block: int | None, done: int) -> int:
+    """Samples in the next chunk: `size`, cut at the next multiple of `block` (`done` read so far)."""
+    return size if block is None else min(size, block - done % block)
 
 
 def _loader_length(loader: DataLoader) -> int | None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import chain, groupby
 
 import torch
 from torch import Tensor, nn
@@ -48,16 +49,19 @@ from tqdm.auto import tqdm
 
 from .checks import (
     NonFiniteError,
-    check_batch,
     check_choice,
+    check_data,
     check_model,
     check_positive_int,
     check_rtol,
+    model_device,
     nonfinite_rows,
 )
+from .data import Source, as_source
 from .distributed import gather_rows, shard
 from .engine import METHODS, JacobianEngine, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
+from .params import ParamSpec
 
 KINDS = ("inner", "influence", "correlation")
 REDUCTIONS = ("trace", "rot", "none")
@@ -301,27 +305,74 @@ def _transpose_block(block: Tensor, reduce: str) -> Tensor:
     return block.transpose(-1, -2) if reduce == "none" else block
 
 
-def check_similarity_call(model: nn.Module, xs: Tensor, ys: Tensor | None, *, kind: str, reduce: str,
+def engine_for_data(model: nn.Module, source: Source, output_fn: OutputFn | None, chunk_size: int | None,
+                    method: str, params: ParamSpec = None):
+    """`engine.engine_for` probed on the first sample of `source`. Keyword (dict) inputs go to the
+    Jacobian engine (the layer-wise rules record one tensor input per module call)."""
+    inputs, targets = source.first()
+    if isinstance(inputs, dict):
+        if method == "layerwise":
+            raise ValueError("method='layerwise' does not take keyword (dict) inputs: use 'auto' or 'jacobian'")
+        method = "jacobian"
+    if params is None:
+        return engine_for(model, inputs, output_fn, targets, chunk_size, method)
+    return engine_for(model, inputs, output_fn, targets, chunk_size, method, params=params)
+
+
+def engine_chunks(engine, source: Source, start: int = 0, stop: int | None = None, *, block: int | None = None
+                  ) -> Iterator[tuple[int, object]]:
+    """`(offset, representation)` of `engine` for the samples `[start, stop)` of `source`, in the
+    engine's chunks (see `Source.chunks` for `block`): one pass over the data."""
+    for offset, inputs, targets in source.chunks(engine.chunk, start, stop, block=block):
+        try:
+            for s, rep in engine.chunks(inputs, targets):
+                yield offset + s, rep
+        except NonFiniteError as error:
+            raise error.shifted(offset) from None
+
+
+def similarity_sources(model: nn.Module, xs, ys, x_targets, y_targets, targets_key: str | None):
+    """The `Source`s of `similarity`'s data (ys None when it is xs)."""
+    check_model(model)
+    device = model_device(model)
+    source_x = as_source(xs, x_targets, targets_key=targets_key, name="xs", targets_name="x_targets", device=device)
+    if ys is None:
+        if y_targets is not None:
+            raise ValueError("y_targets was given without ys: pass x_targets alone when ys is None")
+        return source_x, None
+    return source_x, as_source(ys, y_targets, targets_key=targets_key, name="ys", targets_name="y_targets",
+                               device=device)
+
+
+def check_similarity_call(model: nn.Module, xs, ys, *, kind: str, reduce: str,
                           x_targets: Tensor | None, y_targets: Tensor | None, chunk_size: int | None,
-                          max_block_bytes: int, rtol: float | None, on_zero: str, method: str) -> None:
-    """Every check of `similarity`'s arguments that needs no forward pass (the model is not run)."""
+                          max_block_bytes: int, rtol: float | None, on_zero: str, method: str,
+                          params: ParamSpec = None, targets_key: str | None = None) -> tuple[Source, Source | None]:
+    """Every check of `similarity`'s arguments that needs no forward pass (the model is not run).
+    Returns the data as `Source`s (ys: None when it is xs)."""
     _validate(kind, reduce, on_zero)
     check_choice("method", method, METHODS)
     check_positive_int("chunk_size", chunk_size, optional=True)
     check_positive_int("max_block_bytes", max_block_bytes)
     check_rtol(rtol)
     check_model(model)
-    check_batch(model, xs, x_targets, name="xs", targets_name="x_targets")
-    if ys is not None:
-        check_batch(model, ys, y_targets, name="ys", targets_name="y_targets")
-    elif y_targets is not None:
-        raise ValueError("y_targets was given without ys: pass x_targets alone when ys is None")
+    trainable_parameters(model, params)
+    source_x, source_y = similarity_sources(model, xs, ys, x_targets, y_targets, targets_key)
+    check_data(model, source_x)
+    if source_y is not None:
+        check_data(model, source_y)
+        source_y.require_passes(2, "similarity (once per row block)")
+    elif kind != "influence":
+        source_x.require_passes(2, "similarity with ys=None (rows, then columns once per row block)")
+    else:
+        source_x.require_passes(2, "similarity with ys=None")
+    return source_x, source_y
 
 
 def similarity_blocks(
     model: nn.Module,
-    xs: Tensor,
-    ys: Tensor | None = None,
+    xs,
+    ys=None,
     *,
     kind: str = "correlation",
     reduce: str = "trace",
@@ -334,6 +385,8 @@ def similarity_blocks(
     on_zero: str = "raise",
     method: str = "auto",
     progress: bool = False,
+    params: ParamSpec = None,
+    targets_key: str | None = None,
 ) -> Iterator[tuple[slice, slice, Tensor, bool]]:
     """The blocks of `similarity`, one at a time: for consumers that reduce the kernel on the fly
     (neighbour counts) and never hold the `(N, M)` matrix.
@@ -343,55 +396,59 @@ def similarity_blocks(
     In a symmetric call (`ys=None`, kind not "influence") only the upper block triangle is
     computed: `mirrored` blocks also stand for their transposes at `(cols, rows)`. Every entry
     of the matrix is covered exactly once. Memory: one row block of Jacobians and one block.
+    Passes over the data as in `similarity`.
     """
-    check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
-                          chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
-                          method=method)
-    d = output_dim(model, xs, output_fn, x_targets)
+    source_x, source_y = check_similarity_call(
+        model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
+        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        targets_key=targets_key)
+    first_inputs, first_targets = source_x.first()
+    d = output_dim(model, first_inputs, output_fn, first_targets)
     _validate(kind, reduce, on_zero, d)
-    return _blocks(model, xs, ys, kind, reduce, output_fn, x_targets, y_targets, chunk_size, max_block_bytes,
-                   rtol, on_zero, method, progress, d)
+    return _blocks(model, source_x, source_y, kind, reduce, output_fn, chunk_size, max_block_bytes,
+                   rtol, on_zero, method, progress, d, params)
 
 
-def _blocks(model, xs, ys, kind, reduce, output_fn, x_targets, y_targets, chunk_size, max_block_bytes,
-            rtol, on_zero, method, progress, d):
-    symmetric = ys is None and kind != "influence"
-    if ys is None:
-        ys, y_targets = xs, x_targets
-    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
-    n, m = xs.shape[0], ys.shape[0]
-    first = next(iter(trainable_parameters(model).values()))
+def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, output_fn, chunk_size, max_block_bytes,
+            rtol, on_zero, method, progress, d, params):
+    symmetric = source_y is None and kind != "influence"
+    if source_y is None:
+        source_y = source_x
+    engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
+    n, m = source_x.length, source_y.length
+    first = next(iter(trainable_parameters(model, params).values()))
     per_sample = engine.bytes_per_sample(d, first.element_size())
     # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
     # (rows x rows on the diagonal): both must fit the budget.
     square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
     rows_per_block = max(engine.chunk, min(max_block_bytes // max(per_sample, 1), square))
-    n_blocks = math.ceil(n / rows_per_block)
-    columns_total = sum(m - (b * rows_per_block if symmetric else 0) for b in range(n_blocks))
-    bar = tqdm(total=n + columns_total, desc=f"k^{kind}", unit="sample", disable=not progress)
+    total = None
+    if n is not None and m is not None:
+        n_blocks = math.ceil(n / rows_per_block)
+        total = n + sum(m - (b * rows_per_block if symmetric else 0) for b in range(n_blocks))
+    bar = tqdm(total=total, desc=f"k^{kind}", unit="sample", disable=not progress)
 
-    def chunks(inputs, targets, start, stop):
-        if start >= stop:
-            return
-        sub = None if targets is None else targets[start:stop]
-        try:
-            for s, rep in engine.chunks(inputs[start:stop], sub):
-                bar.update(engine.size(rep))
-                yield start + s, rep
-        except NonFiniteError as error:
-            raise error.shifted(start) from None
+    def counted(chunks):
+        for start, rep in chunks:
+            bar.update(engine.size(rep))
+            yield start, rep
 
-    try:
-        for r0 in range(0, n, rows_per_block):
-            r1 = min(n, r0 + rows_per_block)
-            Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
+    try:  # one pass over xs for the rows; the columns stream by once per row block
+        row_chunks = engine_chunks(engine, source_x, block=rows_per_block)
+        for _, group in groupby(counted(row_chunks), key=lambda chunk: chunk[0] // rows_per_block):
+            head = next(group)
+            r0 = head[0]
+            Qx, rank_x = _prepared_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
+            r1 = r0 + engine.size(Qx)
             c_start = r0 if symmetric else 0
             if symmetric:  # the diagonal block reuses this block's own Jacobians
                 block = _reduce(_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
                 bar.update(r1 - r0)
                 yield slice(r0, r1), slice(r0, r1), _exact_self(block, kind, reduce, rank_x), False
                 c_start = r1
-            for c0, rep_y in chunks(ys, y_targets, c_start, m):
+            if m is not None and c_start >= m:
+                continue
+            for c0, rep_y in counted(engine_chunks(engine, source_y, c_start)):
                 c1 = c0 + engine.size(rep_y)
                 Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
                 yield slice(r0, r1), slice(c0, c1), _reduce(_block(Qx, Qy, kind, reduce, engine), kind, reduce,
@@ -402,8 +459,8 @@ def _blocks(model, xs, ys, kind, reduce, output_fn, x_targets, y_targets, chunk_
 
 def similarity(
     model: nn.Module,
-    xs: Tensor,
-    ys: Tensor | None = None,
+    xs,
+    ys=None,
     *,
     kind: str = "correlation",
     reduce: str = "trace",
@@ -417,6 +474,8 @@ def similarity(
     method: str = "auto",
     progress: bool = False,
     process_group=None,
+    params: ParamSpec = None,
+    targets_key: str | None = None,
 ) -> Tensor:
     """The similarity k(x, y) of every x in `xs` to every y in `ys`, streamed in blocks.
 
@@ -429,7 +488,16 @@ def similarity(
     None and the kind is symmetric, only the upper block triangle is computed and mirrored
     (`similarity_blocks` gives the blocks one by one).
 
-    Every argument is checked before the model runs (a refused call leaves it untouched).
+    Data and passes: `xs` and `ys` may be tensors, Datasets, DataLoaders or iterables of batches
+    (`netsim.data`; tuple batches carry the targets, dict batches are keyword inputs with the
+    targets under `targets_key`). `xs` is read once for the row blocks (plus one sample first
+    for the output dimension); `ys` is read once per row block, its Jacobians recomputed each
+    time (never cached), so it must be re-iterable. With `ys=None`, `xs` is also the columns:
+    one more pass per row block, which skips (reads without computing) the samples before the
+    block. A one-shot generator is refused where it would be needed twice.
+
+    Every argument is checked before the model runs (a refused call leaves it untouched); data
+    other than tensors is checked chunk by chunk as it is read.
 
     Args:
         model: the trained network (BatchNorm/Dropout in eval mode, float32 or float64).
@@ -439,17 +507,22 @@ def similarity(
         reduce: "trace", "rot" (d = 2 only) or "none" (the d x d matrices).
         output_fn: maps the raw output batch to `(B, d)` (see `per_sample_grads`).
         x_targets, y_targets: per-sample side information for `output_fn` (class labels), one
-            row per sample of xs / ys.
+            row per sample of xs / ys (or carried by the batches).
         chunk_size: samples per Jacobian evaluation (a positive int; None: the engine's default).
         max_block_bytes: memory for one row block of Jacobians (a positive int).
         rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x), in [0, 1).
         on_zero: "raise" (default) on samples with a zero gradient; "zero" gives them
             similarity 0 (not meaningful for "inner", which needs no normalisation).
         method: "auto" (per-layer rules when the model allows, see `netsim.engine`),
-            "layerwise" or "jacobian" (full per-sample Jacobians: any model).
+            "layerwise" or "jacobian" (full per-sample Jacobians: any model; keyword inputs).
         progress: show a tqdm bar over the column evaluations.
         process_group: a `torch.distributed` group: every rank passes the same inputs, computes
-            the rows of its shard of `xs` and returns the full matrix (rows all-gathered).
+            the rows of its shard of `xs` and returns the full matrix (rows all-gathered); `xs`
+            must have a known length (a tensor, Dataset or DataLoader over a Dataset).
+        params: the parameters whose gradients define the kernel: name patterns (fnmatch, e.g.
+            `["head.*"]`) or a callable `(name, parameter) -> bool` (`netsim.params`); default
+            every trainable parameter. Equal to freezing the others, without touching the model.
+        targets_key: the key of the targets in dict batches.
 
     Returns:
         `(N, M)` tensor for "trace"/"rot"; `(N, M, d, d)` for "none".
@@ -466,37 +539,54 @@ def similarity(
         (torch.Size([6, 6]), True)
     """
     options = dict(kind=kind, reduce=reduce, output_fn=output_fn, chunk_size=chunk_size,
-                   max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, progress=progress)
+                   max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, progress=progress,
+                   params=params)
+    source_x, source_y = check_similarity_call(
+        model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
+        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        targets_key=targets_key)
     if process_group is not None:
-        check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
-                              chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
-                              method=method)
-        return _sharded_similarity(model, xs, ys, x_targets, y_targets, process_group, options)
-    out = None
-    for rows, cols, block, mirrored in similarity_blocks(model, xs, ys, x_targets=x_targets, y_targets=y_targets,
-                                                         **options):
+        return _sharded_similarity(model, source_x, source_y, process_group, options)
+    n, m = source_x.length, (source_x if source_y is None else source_y).length
+    out, held = None, []
+    for rows, cols, block, mirrored in similarity_blocks(model, source_x, source_y, **options):
+        if n is None or m is None:  # unknown lengths (generators): assembled once all blocks are in
+            held.append((rows, cols, block, mirrored))
+            continue
         if out is None:
-            out = block.new_empty((xs.shape[0], (xs if ys is None else ys).shape[0], *block.shape[2:]))
-        out[rows, cols] = block
-        if mirrored:
-            out[cols, rows] = _transpose_block(block, reduce)
+            out = block.new_empty((n, m, *block.shape[2:]))
+        _place(out, rows, cols, block, mirrored, reduce)
+    if held:
+        n, m = max(r.stop for r, _, _, _ in held), max(c.stop for _, c, _, _ in held)
+        out = held[0][2].new_empty((n, m, *held[0][2].shape[2:]))
+        for rows, cols, block, mirrored in held:
+            _place(out, rows, cols, block, mirrored, reduce)
     return out
 
 
-def _sharded_similarity(model, xs, ys, x_targets, y_targets, group, options) -> Tensor:
+def _place(out: Tensor, rows: slice, cols: slice, block: Tensor, mirrored: bool, reduce: str) -> None:
+    out[rows, cols] = block
+    if mirrored:
+        out[cols, rows] = _transpose_block(block, reduce)
+
+
+def _sharded_similarity(model, source_x: Source, source_y: Source | None, group, options) -> Tensor:
     """This rank's rows of the similarity, all-gathered into the full matrix on every rank."""
-    if ys is None:
-        ys, y_targets = xs, x_targets
-    rows = shard(len(xs), group)
+    if source_x.length is None or (source_y is not None and source_y.length is None):
+        raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+    n = source_x.length
+    if source_y is None:
+        source_y = source_x
+    rows = shard(n, group)
     if rows.start < rows.stop:
-        local = similarity(model, xs[rows], ys, x_targets=None if x_targets is None else x_targets[rows],
-                           y_targets=y_targets, **options)
+        local = similarity(model, source_x.rows(rows.start, rows.stop), source_y, **options)
     else:  # no rows here, but the rank still joins the all_gather
-        d = output_dim(model, xs, options["output_fn"], x_targets)
-        first = next(iter(trainable_parameters(model).values()))
-        shape = (0, len(ys)) if options["reduce"] != "none" else (0, len(ys), d, d)
+        first_inputs, first_targets = source_x.first()
+        d = output_dim(model, first_inputs, options["output_fn"], first_targets)
+        first = next(iter(trainable_parameters(model, options["params"]).values()))
+        shape = (0, source_y.length) if options["reduce"] != "none" else (0, source_y.length, d, d)
         local = torch.zeros(shape, dtype=first.dtype, device=first.device)
-    return gather_rows(local, len(xs), group)
+    return gather_rows(local, n, group)
 
 
 def remove_shared_direction(J: Tensor) -> Tensor:

@@ -114,7 +114,7 @@ BAD_CALLS = [
      lambda m: netsim.soft_density(m, X, reference=X[:0])),
     ("reference_targets without reference", ValueError, "without reference",
      lambda m: netsim.soft_density(m, X, reference_targets=T[:6])),
-    ("non-tensor inputs", TypeError, "xs must be a torch.Tensor", lambda m: netsim.similarity(m, X.tolist())),
+    ("non-tensor inputs", TypeError, "batch of xs must be a tensor", lambda m: netsim.similarity(m, X.tolist())),
     ("half inputs", TypeError, "float32", lambda m: netsim.similarity(m, X.half())),
     ("tangent of the wrong shape", ValueError, "tangent",
      lambda m: netsim.output_jvp(m, X, {k: torch.ones(1) for k, _ in m.named_parameters()})),

@@ -23,17 +23,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .checks import check_batch, check_choice, check_keywords, check_model, check_positive_int, check_rtol
+from .checks import (
+    check_choice,
+    check_data,
+    check_keywords,
+    check_model,
+    check_positive_int,
+    check_rtol,
+    model_device,
+)
+from .data import Source, as_source
 from .distributed import all_reduce_, gather_rows, shard
-from .engine import METHODS, engine_for
+from .engine import METHODS
 from .grads import OutputFn, output_jvp, trainable_parameters
-from .kernel import ON_ZERO, left_factor, similarity_blocks
+from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, similarity_blocks
+from .params import ParamSpec
 
 ESTIMATORS = ("hard", "soft", "positive")
 #: The options `neighbour_counts` passes on, per estimator (soft: `soft_density`'s; hard and
 #: positive: `similarity`'s, the kind and reduction being fixed).
-_SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group")
-_MATRIX_OPTIONS = ("chunk_size", "max_block_bytes", "rtol", "on_zero", "method", "progress", "process_group")
+_SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group", "params", "targets_key")
+_MATRIX_OPTIONS = ("chunk_size", "max_block_bytes", "rtol", "on_zero", "method", "progress", "process_group",
+                   "params", "targets_key")
 
 
 def tie_tolerance(dtype: torch.dtype) -> float:
@@ -112,7 +123,7 @@ def counts_from_kernel(kc: Tensor, estimator: str, *, tau: float = 0.9, alpha: f
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
 
-def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", tau: float = 0.9,
+def neighbour_counts(model: nn.Module, xs, *, estimator: str = "hard", tau: float = 0.9,
                      alpha: float = 2.0, output_fn: OutputFn | None = None,
                      targets: Tensor | None = None, **options) -> Tensor:
     """Neighbour counts of every x in `xs` among `xs` itself. `(N, ...) -> (N,)`.
@@ -121,14 +132,18 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
     positive-only counts stream the blocks of k^C (`kernel.similarity_blocks`, the upper block
     triangle) and fold each into per-row counts. Memory O(max_block_bytes + N).
 
+    Data and passes: `xs` may be any data form of `netsim.data`. "soft" reads it twice
+    (`soft_density`); "hard" and "positive" read it once for the row blocks and once more per
+    row block for the columns (`similarity` with ys=None); a one-shot generator is refused.
+
     Args:
         estimator: "hard" (N_tau), "soft" (N_S) or "positive" (N_alpha^+); see the module.
         tau: threshold of the hard count, in [0, 1].
         alpha: exponent of the positive count, > 0.
         output_fn, targets: see `per_sample_grads`.
         **options: for "soft", those of `soft_density` (chunk_size, rtol, on_zero, method,
-            process_group); otherwise those of `similarity` (also max_block_bytes, progress).
-            Anything else is a TypeError.
+            process_group, params, targets_key); otherwise those of `similarity` (also
+            max_block_bytes, progress). Anything else is a TypeError.
     """
     check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "soft":
@@ -141,17 +156,22 @@ def neighbour_counts(model: nn.Module, xs: Tensor, *, estimator: str = "hard", t
         return _streamed_counts(model, xs, None, targets, 0, estimator, tau, alpha, output_fn, options)
     # each rank counts the rows of its shard against every sample; rows all-gathered
     check_model(model)
-    check_batch(model, xs, targets, name="xs")
-    rows = shard(len(xs), group)
+    source = as_source(xs, targets, targets_key=options.pop("targets_key", None), name="xs",
+                       device=model_device(model))
+    check_data(model, source)
+    if source.length is None:
+        raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+    rows = shard(source.length, group)
     if rows.start < rows.stop:
-        local = _streamed_counts(model, xs[rows], xs, None if targets is None else targets[rows], rows.start,
-                                 estimator, tau, alpha, output_fn, options, targets)
+        local = _streamed_counts(model, source.rows(rows.start, rows.stop), source, None, rows.start,
+                                 estimator, tau, alpha, output_fn, options)
     else:
-        local = xs.new_zeros(0, dtype=next(iter(trainable_parameters(model).values())).dtype)
-    return gather_rows(local, len(xs), group)
+        first = next(iter(trainable_parameters(model, options.get("params")).values()))
+        local = torch.zeros(0, dtype=first.dtype, device=first.device)
+    return gather_rows(local, source.length, group)
 
 
-def _streamed_counts(model, queries: Tensor, samples: Tensor | None, query_targets, offset: int, estimator: str,
+def _streamed_counts(model, queries, samples, query_targets, offset: int, estimator: str,
                      tau: float, alpha: float, output_fn, options: dict, sample_targets=None) -> Tensor:
     """Counts of `queries` (rows `offset`... of the samples) among `samples` (None: the
     queries themselves, symmetric blocks), from streamed k^C blocks."""
@@ -160,7 +180,10 @@ def _streamed_counts(model, queries: Tensor, samples: Tensor | None, query_targe
                                x_targets=query_targets, y_targets=sample_targets, **options)
     for rows, cols, block, mirrored in blocks:
         if counts is None:
-            counts = block.new_zeros(len(queries))
+            counts = block.new_zeros(0)
+        stop = max(rows.stop, cols.stop if mirrored else 0)
+        if stop > len(counts):  # grown as rows arrive (the number of queries may be unknown up front)
+            counts = torch.cat([counts, counts.new_zeros(stop - len(counts))])
         own = (torch.arange(rows.start, rows.stop, device=block.device)[:, None] + offset
                == torch.arange(cols.start, cols.stop, device=block.device)[None, :])
         counts[rows] += _row_counts(block, ~own, estimator, tau, alpha)
@@ -182,11 +205,11 @@ def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
     return engine.transform(rep, _normaliser(engine, rep, rtol, on_zero, offset))
 
 
-def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
+def soft_density(model: nn.Module, xs, *, reference=None,
                  output_fn: OutputFn | None = None, targets: Tensor | None = None,
                  reference_targets: Tensor | None = None, chunk_size: int | None = None,
                  rtol: float | None = None, on_zero: str = "raise", method: str = "auto",
-                 process_group=None) -> Tensor:
+                 process_group=None, params: ParamSpec = None, targets_key: str | None = None) -> Tensor:
     """The soft neighbour count N_S(x) = sum_x' k^C(x, x') without any N x N matrix.
 
     Two passes (paper section 4.2): first A = sum_x' Q(x') over the reference set, with
@@ -198,6 +221,10 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
     mode: J(x) A^T is d `torch.func.jvp`s of the outputs along the rows of A, with no backward
     pass and no per-sample gradient (benchmarked at 2.2-3x a training epoch, `bench/`).
 
+    Data and passes: `xs` and `reference` may be any data form of `netsim.data` (tensors,
+    Datasets, DataLoaders, iterables of batches). `reference` is read once, then `xs` once;
+    with `reference=None`, `xs` is read twice (so a one-shot generator is refused).
+
     Args:
         model: the trained network.
         xs: `(N, ...)` queries.
@@ -208,7 +235,10 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
         rtol, on_zero, method: see `netsim.similarity`.
         process_group: a `torch.distributed` group: every rank passes the same inputs, works
             on its shard of the reference set (sums all-reduced) and of the queries (counts
-            all-gathered), and returns the full result (`netsim.distributed`).
+            all-gathered), and returns the full result (`netsim.distributed`); the data must
+            have a known length.
+        params: the parameters whose gradients define k^C (`netsim.params`; see `similarity`).
+        targets_key: the key of the targets in dict batches.
 
     Returns:
         `(N,)` soft counts.
@@ -217,69 +247,78 @@ def soft_density(model: nn.Module, xs: Tensor, *, reference: Tensor | None = Non
         ZeroGradientError: samples with a zero gradient, unless `on_zero="zero"`.
         NonFiniteError: samples with NaN or infinite inputs, outputs or gradients.
     """
-    check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol, on_zero, method)
+    queries, reference = check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol,
+                                                 on_zero, method, params=params, targets_key=targets_key)
     same = reference is None
     if same:
-        reference, reference_targets = xs, targets
-    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
-    ref_rows = query_rows = slice(None)
+        reference = queries
+    engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
+    n_queries = queries.length
     if process_group is not None:
-        ref_rows, query_rows = shard(len(reference), process_group), shard(len(xs), process_group)
+        if queries.length is None or reference.length is None:
+            raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+        ref_rows, query_rows = shard(reference.length, process_group), shard(queries.length, process_group)
+        reference, queries = reference.rows(ref_rows.start, ref_rows.stop), queries.rows(query_rows.start,
+                                                                                           query_rows.stop)
+        offset = ref_rows.start
+    else:
+        offset = 0
     normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
-    if len(reference[ref_rows]) == 0:  # an empty shard adds zeros of the right structure
-        total = _normalised_sums(engine, reference[:1], None if reference_targets is None else reference_targets[:1],
-                                 rtol, on_zero, 0)
+    if process_group is not None and reference.length == 0:  # an empty shard adds zeros of the right structure
+        total = _normalised_sums(engine, reference.parent.rows(0, 1), rtol, on_zero, 0)
         for t in engine.sum_tensors(total):
             t.zero_()
     else:
-        total = _normalised_sums(engine, reference[ref_rows],
-                                 None if reference_targets is None else reference_targets[ref_rows],
-                                 rtol, on_zero, ref_rows.start or 0, normalisers)
+        total = _normalised_sums(engine, reference, rtol, on_zero, offset, normalisers)
     if process_group is not None:
         all_reduce_(engine.sum_tensors(total), process_group)
-    queries, query_targets = xs[query_rows], None if targets is None else targets[query_rows]
     counts = []
-    if same and len(queries):
+    if same and queries.length != 0:
         # Second pass in forward mode: J(x) A^T column by column, one jvp per output row of A.
         tangents = [engine.tangent(total, b) for b in range(normalisers[0].shape[1])]
-        for (start, stop), factor in zip(_chunk_bounds(len(queries), engine.chunk), normalisers):
-            sub = None if query_targets is None else query_targets[start:stop]
-            jt = torch.stack([output_jvp(model, queries[start:stop], t, output_fn, sub) for t in tangents], 2)
+        for (_, inputs, sub), factor in zip(queries.chunks(engine.chunk), normalisers):
+            jt = torch.stack([output_jvp(model, inputs, t, output_fn, sub, params=params) for t in tangents], 2)
             counts.append((factor @ jt).diagonal(dim1=-2, dim2=-1).sum(-1))
-    elif len(queries):
-        for start, rep in engine.chunks(queries, query_targets):
+    elif queries.length != 0:
+        for start, rep in engine_chunks(engine, queries):
             products = engine.dot_with_sums(_normalised(engine, rep, rtol, on_zero, start), total)
             counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
-    local = torch.cat(counts) if counts else xs.new_zeros(0)
-    return local if process_group is None else gather_rows(local, len(xs), process_group)
+    first = next(iter(trainable_parameters(model, params).values()))
+    local = torch.cat(counts) if counts else torch.zeros(0, dtype=first.dtype, device=first.device)
+    return local if process_group is None else gather_rows(local, n_queries, process_group)
 
 
-def check_soft_density_call(model: nn.Module, xs: Tensor, reference: Tensor | None, targets: Tensor | None,
+def check_soft_density_call(model: nn.Module, xs, reference, targets: Tensor | None,
                             reference_targets: Tensor | None, chunk_size: int | None, rtol: float | None,
-                            on_zero: str, method: str) -> None:
-    """Every check of `soft_density`'s arguments that needs no forward pass."""
+                            on_zero: str, method: str, *, params: ParamSpec = None,
+                            targets_key: str | None = None) -> tuple[Source, Source | None]:
+    """Every check of `soft_density`'s arguments that needs no forward pass; returns the data
+    as `Source`s (reference: None when it is xs)."""
     check_choice("on_zero", on_zero, ON_ZERO)
     check_choice("method", method, METHODS)
     check_positive_int("chunk_size", chunk_size, optional=True)
     check_rtol(rtol)
     check_model(model)
-    check_batch(model, xs, targets, name="xs")
-    if reference is not None:
-        check_batch(model, reference, reference_targets, name="reference", targets_name="reference_targets")
-    elif reference_targets is not None:
-        raise ValueError("reference_targets was given without reference: pass targets alone when reference is None")
+    trainable_parameters(model, params)
+    device = model_device(model)
+    queries = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
+    check_data(model, queries)
+    if reference is None:
+        if reference_targets is not None:
+            raise ValueError("reference_targets was given without reference: pass targets alone when reference is None")
+        queries.require_passes(2, "soft_density with reference=None")
+        return queries, None
+    reference = as_source(reference, reference_targets, targets_key=targets_key, name="reference",
+                          targets_name="reference_targets", device=device)
+    check_data(model, reference)
+    return queries, reference
 
 
-def _chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
-
-
-def _normalised_sums(engine, inputs: Tensor, targets, rtol, on_zero: str, offset: int,
-                     normalisers: list | None = None) -> list:
-    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `inputs`, per layer;
+def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, normalisers: list | None = None) -> list:
+    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `source`, per layer;
     appends each chunk's normalisers to `normalisers` when given."""
     total = None
-    for start, rep in engine.chunks(inputs, targets):
+    for start, rep in engine_chunks(engine, source):
         factor = _normaliser(engine, rep, rtol, on_zero, offset + start)
         if normalisers is not None:
             normalisers.append(factor)

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
 from .grads import OutputFn, nonfinite_error, trainable_parameters
@@ -124,18 +125,21 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Ten
 
 @contextmanager
 def unfused_attention() -> Iterator[None]:
-    """Turns off PyTorch's fused attention inference kernels inside the block, restoring the setting after.
+    """Runs attention by its plain, differentiable operations inside the block; settings restored after.
 
     In eval mode without gradients, `nn.TransformerEncoderLayer` and `nn.MultiheadAttention`
     run `torch._transformer_encoder_layer_fwd` / `_native_multi_head_attention`, which bypass
     their submodules' hooks and have no forward-mode AD rule (`torch.func.jvp` fails with
-    NotImplementedError). With `torch.backends.mha.set_fastpath_enabled(False)` they run their
-    ordinary, differentiable path, which computes the same function.
+    NotImplementedError); `torch.backends.mha.set_fastpath_enabled(False)` turns that fast path
+    off. The ordinary path then calls `scaled_dot_product_attention`, whose fused CPU kernels
+    have no forward-mode rule either: `sdpa_kernel(SDPBackend.MATH)` keeps it to the math
+    backend. Both compute the same function.
     """
     before = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
 

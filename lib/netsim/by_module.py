@@ -24,23 +24,26 @@ quadratic form in M) is not linear in M, so its parts would not add up: it is re
 from __future__ import annotations
 
 import math
+from itertools import chain, groupby
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import layerwise
-from .checks import NonFiniteError
-from .engine import JacobianEngine, LayerwiseEngine, engine_for
+from .engine import JacobianEngine, LayerwiseEngine
 from .grads import OutputFn, output_dim, trainable_parameters
 from .kernel import (
     DEFAULT_BLOCK_BYTES,
     _block,
+    _place,
     _prepare_columns,
     _prepared_rows,
     _reduce,
-    _transpose_block,
     check_similarity_call,
+    engine_chunks,
+    engine_for_data,
 )
+from .params import ParamSpec
 
 #: The reductions whose per-module parts add up to the reduced kernel (linear in K(x, x')).
 ADDITIVE_REDUCTIONS = ("trace", "none")
@@ -51,21 +54,22 @@ def module_of(parameter_name: str) -> str:
     return parameter_name.rpartition(".")[0]
 
 
-def parameter_modules(model: nn.Module) -> dict[str, list[str]]:
-    """{module name: its trainable parameter names}, modules in `named_modules` order, each module's
-    parameters in `named_parameters` order. A parameter tied between modules counts for the first one
-    (`named_parameters` lists it once); modules whose parameters are all frozen are absent."""
+def parameter_modules(model: nn.Module, params: ParamSpec = None) -> dict[str, list[str]]:
+    """{module name: its selected parameter names} (`params` as in `trainable_parameters`), modules in
+    `named_modules` order, each module's parameters in `named_parameters` order. A parameter tied
+    between modules counts for the first one (`named_parameters` lists it once); modules without a
+    selected parameter (all frozen, or left out by `params`) are absent."""
     modules: dict[str, list[str]] = {}
-    for name in trainable_parameters(model):
+    for name in trainable_parameters(model, params):
         modules.setdefault(module_of(name), []).append(name)
     return modules
 
 
-def _jacobian_layout(model: nn.Module) -> dict[str, slice]:
+def _jacobian_layout(model: nn.Module, params: ParamSpec) -> dict[str, slice]:
     """{module: its columns of the `(n, d, p)` Jacobians}: `named_parameters` visits the modules one by
     one, so each module's parameters are contiguous columns."""
     layout, offset = {}, 0
-    for name, p in trainable_parameters(model).items():
+    for name, p in trainable_parameters(model, params).items():
         module = module_of(name)
         start = layout[module].start if module in layout else offset
         offset += p.numel()
@@ -76,7 +80,7 @@ def _jacobian_layout(model: nn.Module) -> dict[str, slice]:
 def _layerwise_layout(model: nn.Module, factors: list) -> dict[str, list[tuple[int, slice | None]]]:
     """{module: [(factor index, columns of a dense factor or None for all of it)]} from one chunk's
     factors (read from their parameter names, which the normalised factors no longer carry)."""
-    sizes = {name: p.numel() for name, p in trainable_parameters(model).items()}
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
     layout: dict[str, list[tuple[int, slice | None]]] = {}
     for i, f in enumerate(factors):
         owners = [module_of(n) for n in f.names]
@@ -119,8 +123,8 @@ def _split(rep, engine, layout) -> dict[str, object]:
 
 def similarity_by_module(
     model: nn.Module,
-    xs: Tensor,
-    ys: Tensor | None = None,
+    xs,
+    ys=None,
     *,
     kind: str = "correlation",
     reduce: str = "trace",
@@ -133,28 +137,31 @@ def similarity_by_module(
     on_zero: str = "raise",
     method: str = "auto",
     progress: bool = False,
+    params: ParamSpec = None,
+    targets_key: str | None = None,
 ) -> dict[str, Tensor]:
     """Which modules make two inputs similar: `netsim.similarity` split into one term per module.
 
     The parts add up to `similarity(model, xs, ys, ...)` with the same arguments (to rounding) for every
     kind with reduce "trace" or "none"; see the module docstring for each kind's formula and why
-    reduce "rot" cannot be split. The normalisation of k^C and k^N uses the full self-kernels, so a
-    module's part is its share of the whole similarity, not the similarity seen by that module alone.
+    reduce "rot" cannot be split. The normalisation of k^C and k^N uses the full self-kernels (of the
+    parameters `params` selects), so a module's part is its share of the whole similarity, not the
+    similarity seen by that module alone.
 
-    Streaming as in `similarity` (same engines, row blocks within `max_block_bytes`, column chunks,
-    the upper block triangle only when `ys` is None and the kind is symmetric); the per-module grams
-    cost about as much as the one gram of `similarity` in all. Every argument is checked before the
-    model runs (a refused call leaves it untouched).
+    Streaming as in `similarity` (same data forms and passes over them, same engines, row blocks
+    within `max_block_bytes`, column chunks, the upper block triangle only when `ys` is None and the
+    kind is symmetric); the per-module grams cost about as much as the one gram of `similarity` in
+    all. Every argument is checked before the model runs (a refused call leaves it untouched).
 
     Args:
         model, xs, ys, kind, output_fn, x_targets, y_targets, chunk_size, max_block_bytes, rtol,
-            on_zero, method, progress: as in `netsim.similarity`.
+            on_zero, method, progress, params, targets_key: as in `netsim.similarity`.
         reduce: "trace" or "none" (the additive reductions).
 
     Returns:
         {module name: `(N, M)` tensor ("trace") or `(N, M, d, d)` ("none")}, one entry per module owning
-        trainable parameters directly, in `model.named_modules()` order ("" is the model itself).
-        Modules whose parameters are all frozen are absent.
+        a selected parameter directly, in `model.named_modules()` order ("" is the model itself).
+        Modules whose parameters are all frozen or left out by `params` are absent.
 
     Raises:
         ValueError: reduce="rot" (not additive), and every error of `similarity`'s validation.
@@ -170,69 +177,79 @@ def similarity_by_module(
         >>> bool(torch.allclose(sum(parts.values()), similarity(net, x)))
         True
     """
-    check_similarity_call(model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets,
-                          chunk_size=chunk_size, max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero,
-                          method=method)
+    source_x, source_y = check_similarity_call(
+        model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
+        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        targets_key=targets_key)
     if reduce not in ADDITIVE_REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} cannot be split by module: the rotation-invariant reduction "
                          "max_R Tr(R M) = sqrt((a + d)^2 + (b - c)^2) is not linear in M, so per-module parts "
                          f"would not add up to the similarity. Use one of {ADDITIVE_REDUCTIONS}.")
-    d = output_dim(model, xs, output_fn, x_targets)
-    symmetric = ys is None and kind != "influence"
-    if ys is None:
-        ys, y_targets = xs, x_targets
-    engine = engine_for(model, xs, output_fn, x_targets, chunk_size, method)
-    n, m = xs.shape[0], ys.shape[0]
-    first = next(iter(trainable_parameters(model).values()))
+    first_inputs, first_targets = source_x.first()
+    d = output_dim(model, first_inputs, output_fn, first_targets)
+    symmetric = source_y is None and kind != "influence"
+    source_y = source_x if source_y is None else source_y
+    engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
+    n, m = source_x.length, source_y.length
+    first = next(iter(trainable_parameters(model, params).values()))
     # Row blocks as in `similarity`: their prepared Jacobians and the gram temporaries fit the budget.
     square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
     rows_per_block = max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, first.element_size()), 1),
                                            square))
-    layout = _jacobian_layout(model) if not isinstance(engine, LayerwiseEngine) else None
-    out: dict[str, Tensor] = {}
-    bar = tqdm(total=n + sum(m - (r0 if symmetric else 0) for r0 in range(0, n, rows_per_block)),
-               desc=f"k^{kind} by module", unit="sample", disable=not progress)
+    layerwise_engine = isinstance(engine, LayerwiseEngine)
+    layout = None if layerwise_engine else _jacobian_layout(model, params)
+    grams = engine if layerwise_engine else _ColumnViews
+    bar = tqdm(total=None, desc=f"k^{kind} by module", unit="sample", disable=not progress)
 
-    def chunks(inputs, targets, start, stop):
+    def counted(chunks):
         nonlocal layout
-        if start >= stop:
-            return
-        sub = None if targets is None else targets[start:stop]
-        try:
-            for s, rep in engine.chunks(inputs[start:stop], sub):
-                if layout is None:
-                    layout = _layerwise_layout(model, rep)
-                bar.update(engine.size(rep))
-                yield start + s, rep
-        except NonFiniteError as error:
-            raise error.shifted(start) from None
+        for start, rep in chunks:
+            if layout is None:
+                layout = _layerwise_layout(model, rep)
+            bar.update(engine.size(rep))
+            yield start, rep
 
-    grams = engine if isinstance(engine, LayerwiseEngine) else _ColumnViews
+    out: dict[str, Tensor] = {}
+    held = []   # (rows, cols, {module: block}, mirrored) while the data's lengths are unknown (generators)
 
-    def store(rows, cols, parts_x, parts_y, rank_x, rank_y, mirrored):
-        for name, part_x in parts_x.items():
-            block = _reduce(_block(part_x, parts_y[name], kind, reduce, grams), kind, reduce, rank_x, rank_y)
+    def place(rows, cols, blocks, mirrored):
+        for name, block in blocks.items():
             if name not in out:
                 out[name] = block.new_empty((n, m, *block.shape[2:]))
-            out[name][rows, cols] = block
-            if mirrored:
-                out[name][cols, rows] = _transpose_block(block, reduce)
+            _place(out[name], rows, cols, block, mirrored, reduce)
 
-    try:
-        for r0 in range(0, n, rows_per_block):
-            r1 = min(n, r0 + rows_per_block)
-            Qx, rank_x = _prepared_rows(chunks(xs, x_targets, r0, r1), engine, kind, rtol, on_zero, r0)
+    def parts(rows, cols, parts_x, parts_y, rank_x, rank_y, mirrored):
+        blocks = {name: _reduce(_block(part_x, parts_y[name], kind, reduce, grams), kind, reduce, rank_x, rank_y)
+                  for name, part_x in parts_x.items()}
+        if n is None or m is None:
+            held.append((rows, cols, blocks, mirrored))
+        else:
+            place(rows, cols, blocks, mirrored)
+
+    try:  # one pass over xs for the rows; the columns stream by once per row block
+        row_chunks = engine_chunks(engine, source_x, block=rows_per_block)
+        for _, group in groupby(counted(row_chunks), key=lambda chunk: chunk[0] // rows_per_block):
+            head = next(group)
+            r0 = head[0]
+            Qx, rank_x = _prepared_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
+            r1 = r0 + engine.size(Qx)
             parts_x = _split(Qx, engine, layout)
             if symmetric:  # the diagonal block from this block's own Jacobians, then the columns right of it
-                store(slice(r0, r1), slice(r0, r1), parts_x, parts_x, rank_x, rank_x, False)
-                bar.update(r1 - r0)
-            for c0, rep_y in chunks(ys, y_targets, r1 if symmetric else 0, m):
+                parts(slice(r0, r1), slice(r0, r1), parts_x, parts_x, rank_x, rank_x, False)
+            c_start = r1 if symmetric else 0
+            if m is not None and c_start >= m:
+                continue
+            for c0, rep_y in counted(engine_chunks(engine, source_y, c_start)):
                 Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
-                cols = slice(c0, c0 + engine.size(rep_y))
-                store(slice(r0, r1), cols, parts_x, _split(Qy, engine, layout), rank_x, rank_y, symmetric)
+                parts(slice(r0, r1), slice(c0, c0 + engine.size(rep_y)), parts_x, _split(Qy, engine, layout),
+                      rank_x, rank_y, symmetric)
     finally:
         bar.close()
-    owners = parameter_modules(model)
+    if held:
+        n, m = max(r.stop for r, _, _, _ in held), max(c.stop for _, c, _, _ in held)
+        for block in held:
+            place(*block)
+    owners = parameter_modules(model, params)
     if set(out) != set(owners):  # the engine's layers must be the parameter owners
         raise RuntimeError(f"the engine's modules {sorted(out)} are not the parameter owners {sorted(owners)}")
     return {name: out[name] for name in owners}

@@ -236,3 +236,54 @@ def test_zero_gradients_raise_as_in_similarity_and_opt_in_gives_zero_parts():
     parts = netsim.similarity_by_module(net, xs, on_zero="zero")
     assert all(bool((p[1] == 0).all() and (p[:, 1] == 0).all()) for p in parts.values())
     torch.testing.assert_close(sum(parts.values()), netsim.similarity(net, xs, on_zero="zero"), rtol=0, atol=1e-10)
+
+
+# --- data forms and parameter selection: as in similarity -----------------------------------
+
+def _nll(out, t):
+    return -torch.log_softmax(out, 1).gather(1, t[:, None])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loader_dataset_and_generator_give_the_tensor_result(method):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = mlp(d_out=3, dtype=torch.float64)
+    xs, labels = torch.randn(11, 3, dtype=torch.float64), torch.randint(0, 3, (11,))
+    options = dict(output_fn=_nll, method=method, chunk_size=4, max_block_bytes=3000)
+    expected = netsim.similarity_by_module(net, xs, x_targets=labels, **options)
+    dataset = TensorDataset(xs, labels)
+    for data in (DataLoader(dataset, batch_size=3), dataset, [(xs[i:i + 5], labels[i:i + 5]) for i in range(0, 11, 5)]):
+        parts = netsim.similarity_by_module(net, data, **options)
+        assert list(parts) == list(expected)
+        for name in expected:
+            torch.testing.assert_close(parts[name], expected[name], rtol=0, atol=1e-12)
+    # a generator (one pass, length unknown until read) as the rows of an N x M call: xs is read once
+    ys = torch.randn(4, 3, dtype=torch.float64)
+    parts = netsim.similarity_by_module(net, (b for b in [(xs[:6], labels[:6]), (xs[6:], labels[6:])]), ys,
+                                        y_targets=labels[:4], kind="influence", **options)
+    whole = netsim.similarity(net, xs, ys, x_targets=labels, y_targets=labels[:4], kind="influence", **options)
+    torch.testing.assert_close(sum(parts.values()), whole, rtol=0, atol=1e-10)
+
+
+def test_dict_batches_are_keyword_inputs():
+    tokens, mask = token_batch(5, padded=True)
+    net = TinyTransformer().double().eval()
+    data = [{"tokens": tokens[:3], "padding_mask": mask[:3]}, {"tokens": tokens[3:], "padding_mask": mask[3:]}]
+    parts = netsim.similarity_by_module(net, data)
+    torch.testing.assert_close(sum(parts.values()), netsim.similarity(net, data), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_params_selects_the_modules_and_equals_freezing_the_others(method):
+    net, xs = _cnn(), torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    parts = netsim.similarity_by_module(net, xs, params=["head.*", "conv.weight"], method=method)
+    assert list(parts) == ["conv", "head"]
+    torch.testing.assert_close(sum(parts.values()), netsim.similarity(net, xs, params=["head.*", "conv.weight"],
+                                                                      method=method), rtol=0, atol=1e-10)
+    frozen = _cnn()
+    frozen.bn.requires_grad_(False)
+    frozen.conv.bias.requires_grad_(False)
+    expected = netsim.similarity_by_module(frozen, xs, method=method)
+    for name in expected:
+        torch.testing.assert_close(parts[name], expected[name], rtol=0, atol=1e-12)

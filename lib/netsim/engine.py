@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import layerwise
 from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int
 from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, trainable_parameters
+from .params import ParamSpec
 
 METHODS = ("auto", "layerwise", "jacobian")
 
@@ -45,15 +46,17 @@ class JacobianEngine:
 
     name = "jacobian"
 
-    def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None):
+    def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
+                 params: ParamSpec = None):
         check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or DEFAULT_CHUNK
+        self.params = params  # the selected parameters (`netsim.params`)
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
-        yield from iter_jacobians(self.model, inputs, self.output_fn, self.chunk, targets)
+        yield from iter_jacobians(self.model, inputs, self.output_fn, self.chunk, targets, params=self.params)
 
     def bytes_per_sample(self, d: int, itemsize: int) -> int:
-        return d * num_parameters(self.model) * itemsize
+        return d * num_parameters(self.model, self.params) * itemsize
 
     @staticmethod
     def size(rep: Tensor) -> int:
@@ -107,7 +110,7 @@ class JacobianEngine:
     def tangent(self, sums: list, row: int) -> dict[str, Tensor]:
         """Row `row` of the sums as a parameter-shaped direction {name: tensor}."""
         out, offset = {}, 0
-        for name, p in trainable_parameters(self.model).items():
+        for name, p in trainable_parameters(self.model, self.params).items():
             out[name] = sums[0][row, offset:offset + p.numel()].reshape(p.shape)
             offset += p.numel()
         return out
@@ -124,9 +127,9 @@ class LayerwiseEngine:
     chunk_bytes = 16 * 2**20
 
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
-                 probe: list | None = None, copy_records: bool | None = None):
+                 probe: list | None = None, copy_records: bool | None = None, params: ParamSpec = None):
         check_positive_int("chunk_size", chunk_size, optional=True)
-        self.model, self.output_fn = model, output_fn
+        self.model, self.output_fn, self.params = model, output_fn, params
         # The one-sample probe that selected this engine: its size per sample, and its layout
         # (layer kinds, parameter names), which `tangent` maps sums back to parameters with.
         self._template = probe
@@ -142,7 +145,7 @@ class LayerwiseEngine:
             try:  # once copies were needed they are made from the start; until then, checked per chunk
                 factors, self.copy_records = layerwise.factorise_layout(
                     self.model, inputs[start:start + self.chunk], self.output_fn, sub,
-                    copy=True if self.copy_records else None)
+                    copy=True if self.copy_records else None, params=self.params)
             except NonFiniteError as error:
                 raise error.shifted(start) from None
             yield start, factors
@@ -220,7 +223,7 @@ _AUTO_CHOICES: OrderedDict[tuple, str] = OrderedDict()
 
 def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
                targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto",
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter, params: ParamSpec = None):
     """The engine to use for this model: the faster exact one (auto, measured), or as asked.
 
     A probe factorises the first sample (a forward and d backward passes on it), after the
@@ -239,26 +242,26 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     check_batch(model, inputs, targets)
     check_positive_int("chunk_size", chunk_size, optional=True)
     if method == "jacobian":
-        return JacobianEngine(model, output_fn, chunk_size)
+        return JacobianEngine(model, output_fn, chunk_size, params)
     try:
         probe, copy = layerwise.factorise_layout(model, inputs[:1], output_fn,
-                                                 None if targets is None else targets[:1])
+                                                 None if targets is None else targets[:1], params=params)
     except layerwise.UnsupportedModel:
         if method == "layerwise":
             raise
-        return JacobianEngine(model, output_fn, chunk_size)
-    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy)
+        return JacobianEngine(model, output_fn, chunk_size, params)
+    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
     if method == "layerwise":
         return engine
     d, itemsize = LayerwiseEngine.shape(probe)[1], _tensors(probe)[0].element_size()
-    key = _structure_key(model, inputs, targets, chunk_size, d)
+    key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
     if key not in _AUTO_CHOICES:
-        _AUTO_CHOICES[key] = _faster([engine, JacobianEngine(model, output_fn, chunk_size)], inputs, targets,
+        _AUTO_CHOICES[key] = _faster([engine, JacobianEngine(model, output_fn, chunk_size, params)], inputs, targets,
                                      d, itemsize, clock)
         if len(_AUTO_CHOICES) > AUTO_CACHE_SIZE:
             _AUTO_CHOICES.popitem(last=False)
     _AUTO_CHOICES.move_to_end(key)
-    return engine if _AUTO_CHOICES[key] == engine.name else JacobianEngine(model, output_fn, chunk_size)
+    return engine if _AUTO_CHOICES[key] == engine.name else JacobianEngine(model, output_fn, chunk_size, params)
 
 
 def _faster(engines: list, inputs: Tensor, targets: Tensor | None, d: int, itemsize: int,

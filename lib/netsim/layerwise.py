@@ -64,6 +64,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
 from .grads import OutputFn, nonfinite_error, trainable_parameters
+from .params import ParamSpec
 
 
 class UnsupportedModel(ValueError):
@@ -97,17 +98,19 @@ class DenseFactors:
     names: tuple = ()
 
 
-def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
+def _param_modules(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
     """Modules owning trainable parameters directly, with those parameters; checks ownership.
 
     A composite module (`_COMPOSITES`: MultiheadAttention) owns its children's parameters too
     (`out_proj.weight`...), in `named_parameters` order, and its children are not owners."""
+    selected = trainable_parameters(model, params)
+    chosen = {id(p) for p in selected.values()}
     owners, seen, inside = [], {}, []
     for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix) for prefix in inside):
             continue
         members = module.named_parameters(recurse=True) if type(module) in _COMPOSITES else module._parameters.items()
-        direct = {k: p for k, p in members if p is not None and p.requires_grad}
+        direct = {k: p for k, p in members if p is not None and id(p) in chosen}
         if type(module) in _COMPOSITES:
             inside.append(f"{name}." if name else "")
         if not direct:
@@ -117,7 +120,7 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Ten
                 raise UnsupportedModel(f"parameter shared by {seen[id(p)]!r} and {name!r}")
             seen[id(p)] = name
         owners.append((name, module, direct))
-    total = sum(p.numel() for p in trainable_parameters(model).values())
+    total = sum(p.numel() for p in selected.values())
     if sum(p.numel() for _, _, d in owners for p in d.values()) != total:
         raise UnsupportedModel("some trainable parameters are not owned by a module")
     return owners
@@ -434,7 +437,7 @@ _COMPOSITES = {nn.MultiheadAttention: (_attention_forward, _attention_rule)}
 
 
 def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
-              targets: Tensor | None = None, *, copy: bool | None = None) -> list:
+              targets: Tensor | None = None, *, copy: bool | None = None, params: ParamSpec = None) -> list:
     """Per-layer factors of the per-sample Jacobians of one chunk of inputs.
 
     Args:
@@ -453,15 +456,16 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
             several tensor inputs; `InPlaceModified` with `copy=False` when copies are needed.
         NonFiniteError: samples with NaN or inf gradients (blamed on inputs, outputs or gradients).
     """
-    return factorise_layout(model, inputs, output_fn, targets, copy=copy)[0]
+    return factorise_layout(model, inputs, output_fn, targets, copy=copy, params=params)[0]
 
 
 def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
-                     targets: Tensor | None = None, *, copy: bool | None = None) -> tuple[list, bool]:
+                     targets: Tensor | None = None, *, copy: bool | None = None,
+                     params: ParamSpec = None) -> tuple[list, bool]:
     """`factorise`, and whether the recording needed copies (pass it as `copy` next time)."""
     check_model(model)
     check_batch(model, inputs, targets)
-    owners = _param_modules(model)
+    owners = _param_modules(model, params)
     with torch.enable_grad():
         out, records, copy = _record(model, inputs, owners, copy)
         if output_fn is not None:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
 Inputs = Tensor | dict[str, Tensor]
 
@@ -203,6 +203,20 @@ class Source:
         """The samples `[start, stop)` as a source of their own (offsets counted from `start`)."""
         return _Rows(self, start, stop)
 
+    def select(self, index: Tensor) -> Source:
+        """The samples at `index` (`(Q,)` row numbers, any order), as a source of their own: picked
+        directly from a tensor or a Dataset; from other data in one pass that holds the Q inputs."""
+        wanted = {int(i): k for k, i in enumerate(index.tolist())}
+        picked: list = [None] * len(index)
+        for offset, inputs, targets in self.chunks(64):
+            for r in range(input_rows(inputs)):
+                if offset + r in wanted:
+                    picked[wanted[offset + r]] = (index_inputs(inputs, slice(r, r + 1)),
+                                                  None if targets is None else targets[r:r + 1])
+        batch = (_cat([p[0] for p in picked]), _cat([p[1] for p in picked]))
+        return IterableSource(self.name, [batch if batch[1] is not None else batch[0]], None, None, self.device,
+                              batched=True)
+
     def first(self) -> tuple[Inputs, Tensor | None]:
         """The first sample, `(1, ...)` inputs and targets (not counted as a pass: one-shot data keeps it)."""
         for _, inputs, targets in self._chunks(1, 0, 1):
@@ -224,6 +238,11 @@ class TensorSource(Source):
             s = e
 
 
+    def select(self, index):
+        return TensorSource(self.name, self.data[index.to(self.data.device)],
+                            None if self.targets is None else self.targets[index.to(self.targets.device)], None)
+
+
 class DatasetSource(Source):
     """A map-style Dataset, read in slices of the chunk size from the first sample asked for."""
 
@@ -235,6 +254,13 @@ class DatasetSource(Source):
     def _chunks(self, size, start, stop, block=None):
         self._size = size
         yield from super()._chunks(size, start, stop, block)
+
+    def select(self, index):
+        source = DatasetSource(self.name, Subset(self.data, index.tolist()),
+                               None if self.targets is None else self.targets[index.to(self.targets.device)],
+                               self.targets_key, self.device)
+        source.targets_name = self.targets_name
+        return source
 
     def _batches(self, start):
         end = self.length

@@ -28,55 +28,81 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checks import check_batch, check_choice, check_keywords, check_model, check_positive_int, check_rtol
+from .checks import (
+    check_choice,
+    check_data,
+    check_keywords,
+    check_model,
+    check_positive_int,
+    check_rtol,
+    model_device,
+)
+from .data import Source, as_source
 from .density import soft_count
-from .engine import METHODS, engine_for
-from .grads import OutputFn, output_dim, reduced_outputs, trainable_parameters
-from .kernel import DEFAULT_BLOCK_BYTES, default_rtol
+from .engine import METHODS
+from .grads import OutputFn, reduced_outputs, trainable_parameters
+from .kernel import DEFAULT_BLOCK_BYTES, data_output_dim, default_rtol, engine_chunks, engine_for_data
+from .params import ParamSpec
 
 
-def _check_call(model: nn.Module, xs: Tensor, targets: Tensor | None, *, chunk_size=None, method: str = "auto",
-                other: Tensor | None = None, other_targets: Tensor | None = None, other_name: str = "reference",
-                max_block_bytes: int = DEFAULT_BLOCK_BYTES, rtol=None) -> None:
-    """The checks every function here runs before the model does."""
+def _check_call(model: nn.Module, xs, targets: Tensor | None, *, chunk_size=None, method: str = "auto",
+                other=None, other_targets: Tensor | None = None, other_name: str = "reference",
+                max_block_bytes: int = DEFAULT_BLOCK_BYTES, rtol=None, params: ParamSpec = None,
+                targets_key: str | None = None) -> tuple[Source, Source | None]:
+    """The checks every function here runs before the model does; returns the data as `Source`s
+    (`other`: None when not given)."""
     check_choice("method", method, METHODS)
     check_positive_int("chunk_size", chunk_size, optional=True)
     check_positive_int("max_block_bytes", max_block_bytes)
     check_rtol(rtol)
     check_model(model)
-    check_batch(model, xs, targets, name="xs")
-    if other is not None:
-        check_batch(model, other, other_targets, name=other_name, targets_name=f"{other_name}_targets")
-    elif other_targets is not None:
-        raise ValueError(f"{other_name}_targets was given without {other_name}")
+    trainable_parameters(model, params)
+    device = model_device(model)
+    source = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
+    check_data(model, source)
+    if other is None:
+        if other_targets is not None:
+            raise ValueError(f"{other_name}_targets was given without {other_name}")
+        return source, None
+    other = as_source(other, other_targets, targets_key=targets_key, name=other_name,
+                      targets_name=f"{other_name}_targets", device=device)
+    check_data(model, other)
+    return source, other
 
 
-def uncertainty_factor(model: nn.Module, xs: Tensor, *, reference: Tensor | None = None,
+def _check_count(counted: int, n: int, what: str) -> None:
+    if counted != n:
+        raise ValueError(f"{what} has {n} rows but xs holds {counted} samples: one per sample needed")
+
+
+def uncertainty_factor(model: nn.Module, xs, *, reference=None,
                        output_fn: OutputFn | None = None, targets: Tensor | None = None,
                        reference_targets: Tensor | None = None, chunk_size: int | None = None,
-                       method: str = "auto") -> Tensor:
+                       method: str = "auto", params: ParamSpec = None, targets_key: str | None = None) -> Tensor:
     """||grad f(x)||^2 / sum_x' k^I(x, x') for every x in `xs`. `(N, ...) -> (N,)`.
 
     For d > 1 both sides are traces: Tr K(x, x) / Tr sum_x' K(x, x'). A large value means that
     f(x) could have been set to many values without disturbing the training of the other
     points: an uncertain prediction. The reference set (default `xs`, self term included) is
     the training set whose disturbance is measured. Two passes: S = sum_x' J(x'), then
-    Tr J(x) S^T.
+    Tr J(x) S^T: `reference` is read once, then `xs` once (`xs` twice when `reference` is None).
+    Data forms, `params` and `targets_key`: see `netsim.similarity`.
 
     Raises:
         ValueError: where sum_x' k^I(x, x') <= 0 (the quick approximation of the paper is then
             meaningless: the total disturbance is sum |k^I|, not sum k^I).
     """
-    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=reference,
-                other_targets=reference_targets)
+    xs, reference = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=reference,
+                                other_targets=reference_targets, params=params, targets_key=targets_key)
     if reference is None:
-        reference, reference_targets = xs, targets
-    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
+        xs.require_passes(2, "uncertainty_factor with reference=None")
+        reference = xs
+    engine = engine_for_data(model, xs, output_fn, chunk_size, method, params)
     S = None
-    for _, rep in engine.chunks(reference, reference_targets):
+    for _, rep in engine_chunks(engine, reference):
         S = engine.add_sums(S, engine.summed(rep))
     factors = []
-    for start, rep in engine.chunks(xs, targets):
+    for start, rep in engine_chunks(engine, xs):
         own = engine.self_gram(rep).diagonal(dim1=-2, dim2=-1).sum(-1)
         total = engine.dot_with_sums(rep, S).diagonal(dim1=-2, dim2=-1).sum(-1)
         bad = torch.nonzero(total <= 0).flatten()
@@ -149,15 +175,18 @@ def _as_value_sets(values: Tensor, n: int, d: int) -> tuple[Tensor, bool]:
     return values, several
 
 
-def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Tensor | None = None,
+def kernel_average(model: nn.Module, xs, values: Tensor, *, queries=None,
                    output_fn: OutputFn | None = None, targets: Tensor | None = None,
                    query_targets: Tensor | None = None, chunk_size: int | None = None,
-                   method: str = "auto", rtol: float | None = None) -> Tensor:
+                   method: str = "auto", rtol: float | None = None, params: ParamSpec = None,
+                   targets_key: str | None = None) -> Tensor:
     """E_k[a](x) = (sum_j K(x, x_j))^-1 sum_j K(x, x_j) a_j, un-normalised d x d kernels.
 
     Two passes: S = sum_j J_j and B = sum_j a_j^T J_j (one row per value set), then
     sum_j K(x, x_j) = J(x) S^T and sum_j K(x, x_j) a_j = J(x) B^T. Time O((N + Q) d p) whatever
     the number of value sets V, memory O(chunk d p + V p) -- less with the layer-wise engine.
+    `xs` is read once, then `queries` once (`xs` twice when `queries` is None). Data forms,
+    `params` and `targets_key`: see `netsim.similarity`; `values` follow the order of `xs`.
     (`kernel_sums` gets the same sums from kernel blocks, O(N Q d^2 p), when it also needs
     sum_j K_ij K_ij^T for the denoising factor.)
 
@@ -175,25 +204,33 @@ def kernel_average(model: nn.Module, xs: Tensor, values: Tensor, *, queries: Ten
     Raises:
         SingularKernelSumError: naming the queries where sum_j K(x, x_j) is singular.
     """
-    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=queries,
-                other_targets=query_targets, other_name="query", rtol=rtol)
+    xs, queries = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, other=queries,
+                              other_targets=query_targets, other_name="query", rtol=rtol, params=params,
+                              targets_key=targets_key)
     if not isinstance(values, Tensor):
         raise TypeError(f"values must be a tensor, got {type(values).__name__}")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("values has NaN or infinite entries")
-    d = output_dim(model, xs, output_fn, targets)
-    values, several = _as_value_sets(values, xs.shape[0], d)
     if queries is None:
-        queries, query_targets = xs, targets
-    engine = engine_for(model, xs, output_fn, targets, chunk_size, method)
-    dtype = next(iter(trainable_parameters(model).values())).dtype
+        xs.require_passes(2, "kernel_average with queries=None")
+        queries = xs
+    d = data_output_dim(model, xs, output_fn)
+    n = xs.length if xs.length is not None else values.shape[-2 if values.ndim == 3 else 0]
+    values, several = _as_value_sets(values, n, d)
+    engine = engine_for_data(model, xs, output_fn, chunk_size, method, params)
+    dtype = next(iter(trainable_parameters(model, params).values())).dtype
     S = B = None
-    for start, rep in engine.chunks(xs, targets):
-        a = values[:, start:start + engine.size(rep)].to(dtype).permute(1, 0, 2)    # (n, V, d)
+    counted = 0
+    for start, rep in engine_chunks(engine, xs):
+        counted = start + engine.size(rep)
+        a = values[:, start:counted].to(dtype).permute(1, 0, 2)                   # (n, V, d)
+        if a.shape[0] != engine.size(rep):
+            _check_count(counted, n, "values")
         S = engine.add_sums(S, engine.summed(rep))
         B = engine.add_sums(B, engine.summed(engine.transform(rep, a)))          # rows a_j^T J_j
+    _check_count(counted, n, "values")
     out = []
-    for start, rep in engine.chunks(queries, query_targets):
+    for start, rep in engine_chunks(engine, queries):
         total_k = engine.dot_with_sums(rep, S)              # (n, d, d) sum_j K(x, x_j)
         weighted = engine.dot_with_sums(rep, B)             # (n, d, V) sum_j K(x, x_j) a_j
         out.append(solve_kernel_sums(total_k, weighted, rtol=rtol, offset=start).to(total_k.dtype))
@@ -270,11 +307,12 @@ def _value_dict(values: Mapping[str, Tensor] | None, n: int, d: int) -> dict[str
     return out
 
 
-def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | None = None, *,
+def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None, *,
                 query_index: Tensor | None = None, second_moment: bool = True,
                 output_fn: OutputFn | None = None, targets: Tensor | None = None,
                 chunk_size: int | None = None, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
-                method: str = "auto", progress: bool = False) -> KernelSums:
+                method: str = "auto", progress: bool = False, params: ParamSpec = None,
+                targets_key: str | None = None) -> KernelSums:
     """S_i = sum_j K_ij, sum_j K_ij a_j for several value sets a, and sum_j K_ij K_ij^T, in one pass.
 
     K_ij = J(x_i) J(x_j)^T are the un-normalised d x d kernels (`similarity(kind="inner",
@@ -293,7 +331,12 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
         query_index: `(Q,)` rows of xs where the sums are taken (default: all of them).
         second_moment: also accumulate sum_j K_ij K_ij^T (needed by `denoising_factor`).
         output_fn, targets: see `per_sample_grads`.
-        chunk_size, max_block_bytes, method, progress: see `netsim.similarity`.
+        chunk_size, max_block_bytes, method, progress, params, targets_key: see `netsim.similarity`.
+
+    Data and passes: `xs` may be any re-iterable data form of `netsim.data` (values follow its
+    order). The queries' row blocks are read from it (for a `query_index`, the query rows are
+    picked: directly from a tensor or Dataset, in one pass holding the Q selected inputs for
+    other data), then `xs` is read once per row block for the samples.
 
     Returns:
         `KernelSums` over the Q query rows (float64 accumulators).
@@ -305,9 +348,14 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
         >>> sums.total.shape, sums.averages()["a"].shape, bool((sums.denoising_factor() >= 20 ** -0.5 - 1e-6).all())
         (torch.Size([20, 2, 2]), torch.Size([20, 2]), True)
     """
-    _check_call(model, xs, targets, chunk_size=chunk_size, method=method, max_block_bytes=max_block_bytes)
-    n = xs.shape[0]
-    d = output_dim(model, xs, output_fn, targets)
+    xs, _ = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, max_block_bytes=max_block_bytes,
+                        params=params, targets_key=targets_key)
+    d = data_output_dim(model, xs, output_fn)
+    n = xs.length
+    if n is None:  # a generator or a loader of unknown length: the values tell N, the pass checks it
+        n = next(iter(values.values())).shape[0] if values else None
+    if n is None:
+        raise ValueError("kernel_sums needs the number of samples: pass values, or data of known length")
     vals = _value_dict(values, n, d)
     symmetric = query_index is None
     rows = torch.arange(n) if symmetric else torch.as_tensor(query_index, dtype=torch.long).flatten()
@@ -315,10 +363,10 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
         raise ValueError("query_index is empty: no row to compute")
     if bool(((rows < 0) | (rows >= n)).any()):
         raise ValueError(f"query_index must lie in [0, {n}), got {rows.min().item()}..{rows.max().item()}")
-    queries = xs if symmetric else xs[rows.to(xs.device)]
-    query_targets = targets if (symmetric or targets is None) else targets[rows.to(targets.device)]
-    engine = engine_for(model, queries, output_fn, query_targets, chunk_size, method)
-    first = next(iter(trainable_parameters(model).values()))
+    xs.require_passes(2, "kernel_sums (the queries' row blocks, then the samples once per row block)")
+    queries = xs if symmetric else xs.select(rows)
+    engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
+    first = next(iter(trainable_parameters(model, params).values()))
     per_sample = max(engine.bytes_per_sample(d, first.element_size()), 1)
     rows_per_block = max(engine.chunk, max_block_bytes // per_sample)
     q = rows.numel()
@@ -338,15 +386,14 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
         if moment is not None:
             moment[at] += torch.einsum("ijab,ijcb->iac", block, block)
 
-    def chunks(inputs, inputs_targets):
-        for start, rep in engine.chunks(inputs, inputs_targets):
+    def chunks(source, start=0, stop=None):
+        for offset, rep in engine_chunks(engine, source, start, stop):
             bar.update(engine.size(rep))
-            yield start, rep
+            yield offset, rep
 
     for r0 in range(0, q, rows_per_block):
         r1 = min(q, r0 + rows_per_block)
-        sub_targets = None if query_targets is None else query_targets[r0:r1]
-        Rx = engine.cat([rep for _, rep in chunks(queries[r0:r1], sub_targets)])
+        Rx = engine.cat([rep for _, rep in chunks(queries, r0, r1)])
         c_start = 0
         if symmetric:   # the diagonal block from the block's own Jacobians; K_ji = K_ij^T for the rest
             fold(slice(r0, r1), engine.gram(Rx, Rx, False), rows[r0:r1])
@@ -354,14 +401,16 @@ def kernel_sums(model: nn.Module, xs: Tensor, values: Mapping[str, Tensor] | Non
             c_start = r1
         if c_start >= n:
             continue
-        col_targets = None if targets is None else targets[c_start:]
-        for c0, rep_y in chunks(xs[c_start:], col_targets):
-            c0 += c_start
+        c1 = c_start
+        for c0, rep_y in chunks(xs, c_start):
             c1 = c0 + engine.size(rep_y)
+            if c1 > n:
+                break
             block = engine.gram(Rx, rep_y, False)                      # (b, m, d, d): K(x_i, x_j)
             fold(slice(r0, r1), block, torch.arange(c0, c1))
             if symmetric:
                 fold(slice(c0, c1), block.permute(1, 0, 3, 2), rows[r0:r1])
+        _check_count(c1, n, "values")
     bar.close()
     return KernelSums(total=total, weighted=weighted, second_moment=moment, n=n,
                       rtol=default_rtol(first.dtype, d))
@@ -432,17 +481,16 @@ class SelfDenoising:
         }
 
 
-def predictions(model: nn.Module, xs: Tensor, *, output_fn: OutputFn | None = None,
-                targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
-    """`(N, d)` the (reduced) outputs f(x) whose gradients define the kernels, without gradients."""
+def predictions(model: nn.Module, xs, *, output_fn: OutputFn | None = None,
+                targets: Tensor | None = None, batch_size: int = 64, targets_key: str | None = None) -> Tensor:
+    """`(N, d)` the (reduced) outputs f(x) whose gradients define the kernels, without gradients.
+    `xs`: any data form of `netsim.data`, read once in slices of `batch_size`."""
     check_positive_int("batch_size", batch_size)
-    _check_call(model, xs, targets)
-    return torch.cat([reduced_outputs(model, xs[s:s + batch_size], output_fn,
-                                      None if targets is None else targets[s:s + batch_size])
-                      for s in range(0, xs.shape[0], batch_size)])
+    source, _ = _check_call(model, xs, targets, targets_key=targets_key)
+    return torch.cat([reduced_outputs(model, inputs, output_fn, sub) for _, inputs, sub in source.chunks(batch_size)])
 
 
-def self_denoising(model: nn.Module, xs: Tensor, *, true: Tensor, noisy: Tensor,
+def self_denoising(model: nn.Module, xs, *, true: Tensor, noisy: Tensor,
                    predicted: Tensor | None = None, query_index: Tensor | None = None,
                    output_fn: OutputFn | None = None, targets: Tensor | None = None,
                    rtol: float | None = None, **kernel_sums_kwargs) -> SelfDenoising:
@@ -459,7 +507,10 @@ def self_denoising(model: nn.Module, xs: Tensor, *, true: Tensor, noisy: Tensor,
             query costs a pass over the N samples, O(N d^2 p)).
         output_fn, targets: see `per_sample_grads`.
         rtol: singularity threshold for sum_j K_ij (`solve_kernel_sums`).
-        **kernel_sums_kwargs: chunk_size, max_block_bytes, method, progress.
+        **kernel_sums_kwargs: chunk_size, max_block_bytes, method, progress, params, targets_key.
+
+    Data and passes: `xs` as in `kernel_sums` (one more pass for the predictions when
+    `predicted` is not given); the labels follow its order.
 
     Returns:
         `SelfDenoising` at the Q queries.
@@ -467,19 +518,22 @@ def self_denoising(model: nn.Module, xs: Tensor, *, true: Tensor, noisy: Tensor,
     Raises:
         SingularKernelSumError: naming the queries where sum_j K_ij is singular.
     """
-    check_keywords(kernel_sums_kwargs, ("chunk_size", "max_block_bytes", "method", "progress"), "self_denoising")
-    _check_call(model, xs, targets, rtol=rtol, **{k: v for k, v in kernel_sums_kwargs.items() if k != "progress"})
-    n = xs.shape[0]
-    d = output_dim(model, xs, output_fn, targets)
+    check_keywords(kernel_sums_kwargs, ("chunk_size", "max_block_bytes", "method", "progress", "params",
+                                        "targets_key"), "self_denoising")
+    xs, _ = _check_call(model, xs, targets, rtol=rtol,
+                        **{k: v for k, v in kernel_sums_kwargs.items() if k != "progress"})
+    kernel_sums_kwargs.pop("targets_key", None)   # carried by the source from here on
+    n = xs.length if xs.length is not None else true.shape[0]
+    d = data_output_dim(model, xs, output_fn)
+    xs.require_passes(2 if predicted is not None else 3, "self_denoising")
     if predicted is None:
-        predicted = predictions(model, xs, output_fn=output_fn, targets=targets)
+        predicted = predictions(model, xs, output_fn=output_fn)
     true, noisy, predicted = (_value_dict({k: v}, n, d)[k] for k, v in
                               (("true", true), ("noisy", noisy), ("predicted", predicted)))
     noise = noisy - true
     rows = torch.arange(n) if query_index is None else torch.as_tensor(query_index, dtype=torch.long).flatten()
     sums = kernel_sums(model, xs, {"true": true, "noisy": noisy, "predicted": predicted, "noise": noise},
-                       query_index=query_index, second_moment=True, output_fn=output_fn, targets=targets,
-                       **kernel_sums_kwargs)
+                       query_index=query_index, second_moment=True, output_fn=output_fn, **kernel_sums_kwargs)
     avg = sums.averages(rtol)
     error = predicted[rows] - avg["true"]
     shift = predicted[rows] - avg["predicted"]

@@ -314,9 +314,13 @@ def engine_for_data(model: nn.Module, source: Source, output_fn: OutputFn | None
         if method == "layerwise":
             raise ValueError("method='layerwise' does not take keyword (dict) inputs: use 'auto' or 'jacobian'")
         method = "jacobian"
-    if params is None:
-        return engine_for(model, inputs, output_fn, targets, chunk_size, method)
     return engine_for(model, inputs, output_fn, targets, chunk_size, method, params=params)
+
+
+def data_output_dim(model: nn.Module, source: Source, output_fn: OutputFn | None) -> int:
+    """d, read from a forward pass on the first sample of `source`."""
+    inputs, targets = source.first()
+    return output_dim(model, inputs, output_fn, targets)
 
 
 def engine_chunks(engine, source: Source, start: int = 0, stop: int | None = None, *, block: int | None = None
@@ -402,8 +406,7 @@ def similarity_blocks(
         model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
         max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
         targets_key=targets_key)
-    first_inputs, first_targets = source_x.first()
-    d = output_dim(model, first_inputs, output_fn, first_targets)
+    d = data_output_dim(model, source_x, output_fn)
     _validate(kind, reduce, on_zero, d)
     return _blocks(model, source_x, source_y, kind, reduce, output_fn, chunk_size, max_block_bytes,
                    rtol, on_zero, method, progress, d, params)
@@ -581,8 +584,7 @@ def _sharded_similarity(model, source_x: Source, source_y: Source | None, group,
     if rows.start < rows.stop:
         local = similarity(model, source_x.rows(rows.start, rows.stop), source_y, **options)
     else:  # no rows here, but the rank still joins the all_gather
-        first_inputs, first_targets = source_x.first()
-        d = output_dim(model, first_inputs, options["output_fn"], first_targets)
+        d = data_output_dim(model, source_x, options["output_fn"])
         first = next(iter(trainable_parameters(model, options["params"]).values()))
         shape = (0, source_y.length) if options["reduce"] != "none" else (0, source_y.length, d, d)
         local = torch.zeros(shape, dtype=first.dtype, device=first.device)

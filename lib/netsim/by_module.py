@@ -29,7 +29,6 @@ from itertools import chain, groupby
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import layerwise
 from .engine import JacobianEngine, LayerwiseEngine
 from .grads import OutputFn, output_dim, trainable_parameters
 from .kernel import (
@@ -77,23 +76,16 @@ def _jacobian_layout(model: nn.Module, params: ParamSpec) -> dict[str, slice]:
     return layout
 
 
-def _layerwise_layout(model: nn.Module, factors: list) -> dict[str, list[tuple[int, slice | None]]]:
-    """{module: [(factor index, columns of a dense factor or None for all of it)]} from one chunk's
-    factors (read from their parameter names, which the normalised factors no longer carry)."""
-    sizes = {name: p.numel() for name, p in model.named_parameters()}
-    layout: dict[str, list[tuple[int, slice | None]]] = {}
+def _layerwise_layout(factors: list) -> dict[str, list[int]]:
+    """{module: the indices of its layer-wise factors}, read from one chunk's factors' parameter names
+    (the normalised factors no longer carry them)."""
+    layout: dict[str, list[int]] = {}
     for i, f in enumerate(factors):
-        owners = [module_of(n) for n in f.names]
-        if len(set(owners)) == 1:
-            layout.setdefault(owners[0], []).append((i, None))
-            continue
-        if not isinstance(f, layerwise.DenseFactors):
-            raise ValueError(f"a layer-wise factor spans the modules {sorted(set(owners))} and cannot be split "
-                             "between them: pass method='jacobian'")
-        offset = 0
-        for name, owner in zip(f.names, owners):
-            layout.setdefault(owner, []).append((i, slice(offset, offset + sizes[name])))
-            offset += sizes[name]
+        owners = sorted({module_of(name) for name in f.names})
+        if len(owners) != 1:
+            raise ValueError(f"a layer-wise factor holds the parameters of several modules {owners}, which "
+                             "cannot be told apart: pass method='jacobian'")
+        layout.setdefault(owners[0], []).append(i)
     return layout
 
 
@@ -117,8 +109,7 @@ def _split(rep, engine, layout) -> dict[str, object]:
     views of the full Jacobians, or the module's layer-wise factors)."""
     if not isinstance(engine, LayerwiseEngine):
         return {m: rep[:, :, cols] for m, cols in layout.items()}
-    return {m: [rep[i] if cols is None else layerwise.DenseFactors(rep[i].grads[:, :, cols]) for i, cols in parts]
-            for m, parts in layout.items()}
+    return {m: [rep[i] for i in indices] for m, indices in layout.items()}
 
 
 def similarity_by_module(
@@ -205,7 +196,7 @@ def similarity_by_module(
         nonlocal layout
         for start, rep in chunks:
             if layout is None:
-                layout = _layerwise_layout(model, rep)
+                layout = _layerwise_layout(rep)
             bar.update(engine.size(rep))
             yield start, rep
 

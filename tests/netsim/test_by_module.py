@@ -287,3 +287,13 @@ def test_params_selects_the_modules_and_equals_freezing_the_others(method):
     expected = netsim.similarity_by_module(frozen, xs, method=method)
     for name in expected:
         torch.testing.assert_close(parts[name], expected[name], rtol=0, atol=1e-12)
+
+
+def test_a_layerwise_factor_of_several_modules_is_a_clear_error():
+    from netsim.by_module import _layerwise_layout
+    from netsim.layerwise import DenseFactors
+
+    factors = [DenseFactors(torch.zeros(1, 1, 2), ("a.weight",)), DenseFactors(torch.zeros(1, 1, 2), ("b.w", "c.w"))]
+    with pytest.raises(ValueError, match="several modules"):
+        _layerwise_layout(factors)
+    assert _layerwise_layout(factors[:1] * 2) == {"a": [0, 1]}

@@ -350,6 +350,7 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
     """
     xs, _ = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, max_block_bytes=max_block_bytes,
                         params=params, targets_key=targets_key)
+    xs.require_passes(2, "kernel_sums (the queries' row blocks, then the samples once per row block)")
     d = data_output_dim(model, xs, output_fn)
     n = xs.length
     if n is None:  # a generator or a loader of unknown length: the values tell N, the pass checks it
@@ -363,7 +364,6 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
         raise ValueError("query_index is empty: no row to compute")
     if bool(((rows < 0) | (rows >= n)).any()):
         raise ValueError(f"query_index must lie in [0, {n}), got {rows.min().item()}..{rows.max().item()}")
-    xs.require_passes(2, "kernel_sums (the queries' row blocks, then the samples once per row block)")
     queries = xs if symmetric else xs.select(rows)
     engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
     first = next(iter(trainable_parameters(model, params).values()))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .engine import JacobianEngine, LayerwiseEngine
-from .grads import OutputFn, output_dim, trainable_parameters
+from .grads import OutputFn, trainable_parameters
 from .kernel import (
     DEFAULT_BLOCK_BYTES,
     _block,
@@ -39,6 +39,7 @@ from .kernel import (
     _prepared_rows,
     _reduce,
     check_similarity_call,
+    data_output_dim,
     engine_chunks,
     engine_for_data,
 )
@@ -176,8 +177,7 @@ def similarity_by_module(
         raise ValueError(f"reduce={reduce!r} cannot be split by module: the rotation-invariant reduction "
                          "max_R Tr(R M) = sqrt((a + d)^2 + (b - c)^2) is not linear in M, so per-module parts "
                          f"would not add up to the similarity. Use one of {ADDITIVE_REDUCTIONS}.")
-    first_inputs, first_targets = source_x.first()
-    d = output_dim(model, first_inputs, output_fn, first_targets)
+    d = data_output_dim(model, source_x, output_fn)
     symmetric = source_y is None and kind != "influence"
     source_y = source_x if source_y is None else source_y
     engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)

@@ -199,6 +199,8 @@ def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], out
 
     One forward-mode pass (`torch.func.jvp`) over the batch: no backward pass, no per-sample
     gradient. The rows of J(x) v are the dot products of the per-sample gradients with v.
+    Attention runs by its plain operations (`layerwise.unfused_attention`): the fused kernels
+    have no forward-mode rule.
 
     Args:
         inputs: one batch, `(n, ...)` tensor or a dict of tensors (keyword inputs).
@@ -223,7 +225,10 @@ def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], out
             raise ValueError(f"tangent[{name!r}] must be a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}")
     output = _functional_output(model, output_fn, selected)
     primals = {k: v.detach() for k, v in selected.items()}
-    jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
+    from .layerwise import unfused_attention  # layerwise builds on this module
+
+    with unfused_attention():  # PyTorch's fused attention kernels have no forward-mode rule
+        jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
     bad = nonfinite_rows(jv)
     if bool(bad.any()):
         raise nonfinite_error(model, inputs, output_fn, targets, bad)

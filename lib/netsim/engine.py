@@ -283,7 +283,7 @@ def _faster(engines: list, inputs: Tensor, targets: Tensor | None, d: int, items
 def _structure_key(model: nn.Module, inputs: Tensor, targets: Tensor | None, chunk_size: int | None,
                    d: int) -> tuple:
     """What the relative speed of the engines depends on, without holding the model."""
-    modules = tuple(type(m).__qualname__ for m in model.modules())
+    modules = tuple(type(m) for m in model.modules())
     params = tuple((name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters())
     return (modules, params, d, tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type, targets is None,
             chunk_size)

@@ -46,8 +46,6 @@ def _cases():
 def test_params_equals_freezing_the_others(case, call, method):
     make, x, patterns = _cases()[case]
     model = make()
-    if call == "uncertainty_factor" and case == "transformer":
-        pytest.skip("sum_x' k^I(x, x') <= 0 on this classifier: the quick approximation is undefined")
     keep = lambda name: any(__import__("fnmatch").fnmatchcase(name, p) for p in patterns)  # noqa: E731
     expected = CALLS[call](frozen_copy(model, keep), x, method=method) if call != "per_sample_grads" else \
         CALLS[call](frozen_copy(model, keep), x)

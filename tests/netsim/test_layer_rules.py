@@ -207,9 +207,8 @@ def test_unfused_attention_lets_forward_mode_through_an_encoder_in_eval_mode():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                   reason="needs netsim.grads.output_jvp to run its jvp inside layerwise.unfused_attention()")
 def test_soft_density_and_similarity_work_on_a_transformer_in_eval_mode():
+    """Without `unfused_attention` around its jvp, soft_density failed here: forward AD through the fused encoder."""
     model, xs = TinyTransformer().eval(), token_batch(12)
     kc = netsim.similarity(model, xs, method="layerwise")
     dense = netsim.similarity(model, xs, method="jacobian")

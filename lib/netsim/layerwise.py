@@ -4,9 +4,8 @@ For a module with parameters, the gradient of output a at sample x w.r.t. its pa
 fixed by the module's input X(x) and the gradient of output a w.r.t. the module's output,
 Delta^a(x). One batched forward (hooks record X) and d batched backward passes (gradients of
 sum_x f^a(x) w.r.t. each module output; samples do not interact) give both for a whole chunk.
-Per-layer rules then turn them into kernel blocks:
-
-Supported layer types and what each rule stores:
+Per-layer rules then turn them into kernel blocks. The supported layer types, and what each
+rule stores:
 
 - Linear on `(n, in)` inputs: grad_W = Delta^T X, grad_b = Delta. Kept as the factors
   ("linear" entries, `LinearFactors`: X `(n, in)`, Delta `(n, d, out)`): the gram between
@@ -30,7 +29,8 @@ Supported layer types and what each rule stores:
   with key padding and attention masks): while recording, the module runs a decomposed
   forward (in_proj -> scaled dot-product attention -> out_proj) that records the two linear
   maps' inputs and outputs; each is then a Linear over token positions (two "dense" entries:
-  in_proj_weight/in_proj_bias, then out_proj.weight/out_proj.bias).
+  in_proj_weight/in_proj_bias, then out_proj.weight/out_proj.bias). The recording forward
+  runs inside `unfused_attention`, so PyTorch's fused encoder kernel cannot bypass the hooks.
 - Any other module with direct parameters (PReLU, Bilinear, ...): the generic rule --
   per-sample copies of its parameters, one vmapped forward of that module alone, one batched
   backward per output row with cotangent Delta ("dense").

@@ -10,9 +10,12 @@ kernels compare per-sample parameter gradients.
     >>> x = torch.randn(100, 2)
     >>> k = netsim.similarity(net, x)            # (100, 100) k^C, ones on the diagonal
     >>> n_s = netsim.soft_density(net, x)       # (100,) soft neighbour counts, no 100x100 matrix
+
+Data may be a tensor, a Dataset, a DataLoader or any iterable of batches (`netsim.data`), and
+`params=` picks the parameters the kernels differentiate against (`netsim.params`).
 """
 
-from . import engine, outputs
+from . import data, engine, outputs, params
 from .by_module import similarity_by_module
 from .checks import NonFiniteError
 from .density import counts_from_kernel, neighbour_counts, soft_density
@@ -26,12 +29,14 @@ __all__ = [
     "NonFiniteError",
     "ZeroGradientError",
     "counts_from_kernel",
+    "data",
     "engine",
     "iter_jacobians",
     "neighbour_counts",
     "num_parameters",
     "output_jvp",
     "outputs",
+    "params",
     "per_sample_grads",
     "psd_power",
     "similarity",

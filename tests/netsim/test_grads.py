@@ -1,5 +1,7 @@
 """per_sample_grads against a plain per-sample backward loop, and its input checks."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,43 @@ def test_prelu_after_convolution_matches_reference_loop(d):
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.PReLU(3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(27, d))
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(netsim.per_sample_grads(model, x), reference_jacobians(model, x), rtol=1e-5, atol=1e-6)
+
+
+@dataclass
+class _Output:
+    """A structured model output, like a Hugging Face ModelOutput."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _Structured(nn.Module):
+    """The MLP returning a dict or a dataclass of (logits, hidden)."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.net, self.as_dict = mlp(d_out=2), as_dict
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"logits": logits, "hidden": x} if self.as_dict else _Output(logits, x)
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_output_fn_receives_dict_and_dataclass_outputs_unchanged(as_dict):
+    model, x = _Structured(as_dict).eval(), torch.randn(6, 3)
+    seen = []
+
+    def logits(out):
+        seen.append(type(out))
+        return out["logits"] if as_dict else out.logits
+
+    expected = netsim.similarity(model.net, x)
+    for method in ("jacobian", "layerwise", "auto"):
+        torch.testing.assert_close(netsim.similarity(model, x, output_fn=logits, method=method), expected)
+        torch.testing.assert_close(netsim.soft_density(model, x, output_fn=logits, method=method), expected.sum(1))
+    torch.testing.assert_close(netsim.per_sample_grads(model, x, output_fn=logits),
+                               netsim.per_sample_grads(model.net, x))
+    assert set(seen) == {dict if as_dict else _Output}
+    with pytest.raises(TypeError, match="pass output_fn"):
+        netsim.similarity(model, x)

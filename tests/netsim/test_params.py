@@ -8,7 +8,7 @@ import torch
 
 import netsim
 from conftest import TinyTransformer, assert_model_unchanged, mlp, model_state, token_batch
-from netsim import diagnostics
+from netsim import diagnostics, enforce
 
 MLP_PATTERNS = ["2.*", "4.weight"]
 TRANSFORMER_PATTERNS = ["encoder.layers.1.*", "head.*"]
@@ -84,3 +84,21 @@ def test_bad_selections_are_clear_errors_before_the_model_runs(params, error, ma
             call()
     assert not runs
     assert_model_unchanged(model, before)
+
+
+def test_enforcing_criteria_take_params_and_keyword_inputs():
+    model, x1, x2 = mlp().eval(), torch.randn(3, 3), torch.randn(3, 3)
+    keep = lambda name: name.startswith("4.")  # noqa: E731
+    expected = enforce.group_loss(frozen_copy(model, keep), x1, x2)
+    torch.testing.assert_close(enforce.group_loss(model, x1, x2, params=["4.*"]), expected)
+    keyword = enforce.pair_loss(_Keyword(model), {"x": x1[:1]}, {"x": x2[:1]}, params=["net.4.*"])
+    torch.testing.assert_close(keyword, enforce.pair_loss(frozen_copy(model, keep), x1[:1], x2[:1]))
+
+
+class _Keyword(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)

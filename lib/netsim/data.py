@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset, default_collate
 
 Inputs = Tensor | dict[str, Tensor]
 
@@ -217,9 +217,10 @@ class Source:
         return IterableSource(self.name, [batch if batch[1] is not None else batch[0]], None, None, self.device,
                               batched=True)
 
-    def first(self) -> tuple[Inputs, Tensor | None]:
-        """The first sample, `(1, ...)` inputs and targets (not counted as a pass: one-shot data keeps it)."""
-        for _, inputs, targets in self._chunks(1, 0, 1):
+    def first(self, n: int = 1) -> tuple[Inputs, Tensor | None]:
+        """The first `n` samples (fewer if there are not as many), inputs and targets; not counted
+        as a pass (a one-shot iterator replays them in its pass)."""
+        for _, inputs, targets in self._chunks(n, 0, n):
             return inputs, targets
         raise ValueError(f"{self.name} holds no sample")
 
@@ -237,6 +238,10 @@ class TensorSource(Source):
             yield s, self.data[s:e], None if self.targets is None else self.targets[s:e]
             s = e
 
+
+    def rows(self, start, stop):
+        return TensorSource(self.name, self.data[start:stop],
+                            None if self.targets is None else self.targets[start:stop], None)
 
     def select(self, index):
         return TensorSource(self.name, self.data[index.to(self.data.device)],
@@ -274,7 +279,7 @@ class IterableSource(Source):
     def __init__(self, name, data: Iterable, targets, targets_key, device, batched: bool):
         super().__init__(name, targets, targets_key, device)
         self.data, self.batched = data, batched
-        self.reiterable = iter(data) is not data
+        self.reiterable = not isinstance(data, Iterator)   # a generator or iterator is read once
         if isinstance(data, DataLoader):
             self.length = _loader_length(data)
         elif isinstance(data, (list, tuple)) and batched:  # in memory: counting costs nothing
@@ -373,6 +378,10 @@ def _source(data, targets, targets_key, name, device) -> Source:
         return IterableSource(name, [data], targets, targets_key, device, batched=True)
     if isinstance(data, IterableDataset):
         return IterableSource(name, data, targets, targets_key, device, batched=False)
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        raise ValueError(f"{name} is a DataLoader with shuffle=True: its order changes at every pass, so the "
+                         "results could not be matched to the samples (and passes would disagree). Pass a "
+                         "DataLoader with shuffle=False")
     if isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise TypeError(f"{name} is a map-style Dataset without __len__: netsim needs to know its size")

@@ -57,9 +57,9 @@ from .checks import (
     model_device,
     nonfinite_rows,
 )
-from .data import Source, as_source
+from .data import Source, TensorSource, as_source
 from .distributed import gather_rows, shard
-from .engine import METHODS, JacobianEngine, engine_for
+from .engine import AUTO_PROBE_SAMPLES, METHODS, JacobianEngine, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
 from .params import ParamSpec
 
@@ -307,9 +307,13 @@ def _transpose_block(block: Tensor, reduce: str) -> Tensor:
 
 def engine_for_data(model: nn.Module, source: Source, output_fn: OutputFn | None, chunk_size: int | None,
                     method: str, params: ParamSpec = None):
-    """`engine.engine_for` probed on the first sample of `source`. Keyword (dict) inputs go to the
-    Jacobian engine (the layer-wise rules record one tensor input per module call)."""
-    inputs, targets = source.first()
+    """`engine.engine_for` probed on `source`: the whole tensor for a tensor (as `engine_for` is
+    called on tensors), else its first `AUTO_PROBE_SAMPLES` samples. Keyword (dict) inputs go to
+    the Jacobian engine (the layer-wise rules record one tensor input per module call)."""
+    if isinstance(source, TensorSource):
+        inputs, targets = source.data, source.targets
+    else:
+        inputs, targets = source.first(AUTO_PROBE_SAMPLES)
     if isinstance(inputs, dict):
         if method == "layerwise":
             raise ValueError("method='layerwise' does not take keyword (dict) inputs: use 'auto' or 'jacobian'")

@@ -170,3 +170,18 @@ def test_targets_given_twice_or_of_the_wrong_length_are_errors():
         netsim.per_sample_grads(model, Pairs(), targets=LABELS, output_fn=outputs.class_vs_rest)
     with pytest.raises(ValueError, match="rows"):
         netsim.per_sample_grads(model, TensorDataset(XS), targets=LABELS[:5], output_fn=outputs.class_vs_rest)
+
+
+def test_a_shuffling_loader_is_refused():
+    with pytest.raises(ValueError, match="shuffle=False"):
+        netsim.soft_density(mlp().eval(), DataLoader(TensorDataset(XS), batch_size=3, shuffle=True))
+
+
+def test_tensor_calls_probe_the_engine_as_before():
+    """The engine choice of `method="auto"` is measured on the same samples whether or not data is a tensor."""
+    source = as_source(DataLoader(TensorDataset(XS), batch_size=3))
+    inputs, _ = source.first(netsim.engine.AUTO_PROBE_SAMPLES)
+    assert torch.equal(inputs, XS[:netsim.engine.AUTO_PROBE_SAMPLES])
+    generator = as_source(x for x in XS.split(3))
+    assert torch.equal(generator.first(5)[0], XS[:5])
+    assert torch.equal(torch.cat([x for _, x, _ in generator.chunks(4)]), XS)   # what `first` read is replayed

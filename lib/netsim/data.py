@@ -206,13 +206,14 @@ class Source:
     def select(self, index: Tensor) -> Source:
         """The samples at `index` (`(Q,)` row numbers, any order), as a source of their own: picked
         directly from a tensor or a Dataset; from other data in one pass that holds the Q inputs."""
-        wanted = {int(i): k for k, i in enumerate(index.tolist())}
+        wanted: dict[int, list[int]] = {}
+        for k, i in enumerate(index.tolist()):
+            wanted.setdefault(int(i), []).append(k)
         picked: list = [None] * len(index)
         for offset, inputs, targets in self.chunks(64):
             for r in range(input_rows(inputs)):
-                if offset + r in wanted:
-                    picked[wanted[offset + r]] = (index_inputs(inputs, slice(r, r + 1)),
-                                                  None if targets is None else targets[r:r + 1])
+                for k in wanted.get(offset + r, ()):
+                    picked[k] = (index_inputs(inputs, slice(r, r + 1)), None if targets is None else targets[r:r + 1])
         batch = (_cat([p[0] for p in picked]), _cat([p[1] for p in picked]))
         return IterableSource(self.name, [batch if batch[1] is not None else batch[0]], None, None, self.device,
                               batched=True)

@@ -524,8 +524,8 @@ def self_denoising(model: nn.Module, xs, *, true: Tensor, noisy: Tensor,
                         **{k: v for k, v in kernel_sums_kwargs.items() if k != "progress"})
     kernel_sums_kwargs.pop("targets_key", None)   # carried by the source from here on
     n = xs.length if xs.length is not None else true.shape[0]
-    d = data_output_dim(model, xs, output_fn)
     xs.require_passes(2 if predicted is not None else 3, "self_denoising")
+    d = data_output_dim(model, xs, output_fn)
     if predicted is None:
         predicted = predictions(model, xs, output_fn=output_fn)
     true, noisy, predicted = (_value_dict({k: v}, n, d)[k] for k, v in

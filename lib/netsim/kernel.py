@@ -370,10 +370,8 @@ def check_similarity_call(model: nn.Module, xs, ys, *, kind: str, reduce: str,
     if source_y is not None:
         check_data(model, source_y)
         source_y.require_passes(2, "similarity (once per row block)")
-    elif kind != "influence":
-        source_x.require_passes(2, "similarity with ys=None (rows, then columns once per row block)")
     else:
-        source_x.require_passes(2, "similarity with ys=None")
+        source_x.require_passes(2, "similarity with ys=None (rows, then columns once per row block)")
     return source_x, source_y
 
 

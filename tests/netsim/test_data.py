@@ -71,6 +71,9 @@ CALLS = {
     "kernel_sums_queries": lambda m, d, **kw: diagnostics.kernel_sums(
         m, d, {"a": torch.arange(N, dtype=torch.float32)}, query_index=torch.tensor([7, 2, 9]), **OPTIONS, **kw).total,
     "predictions": lambda m, d, **kw: diagnostics.predictions(m, d, batch_size=4, **kw),
+    "self_denoising": lambda m, d, **kw: diagnostics.self_denoising(
+        m, d, true=torch.linspace(0, 1, N)[:, None],
+        noisy=torch.linspace(0, 1, N)[:, None] + 0.1 * (LABELS[:, None] - 1), **OPTIONS, **kw).factor,
 }
 
 
@@ -101,7 +104,7 @@ def test_generators_where_one_pass_is_enough():
 
 
 @pytest.mark.parametrize("call", ["similarity", "soft_density", "neighbour_counts", "uncertainty_factor",
-                                  "kernel_average", "kernel_sums"])
+                                  "kernel_average", "kernel_sums", "self_denoising"])
 def test_a_generator_needed_twice_is_a_clear_error_before_the_model_runs(call):
     model = mlp().eval()
     runs = []

@@ -258,6 +258,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
         if queries.length is None or reference.length is None:
             raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
         ref_rows, query_rows = shard(reference.length, process_group), shard(queries.length, process_group)
+        whole_reference = reference
         reference, queries = reference.rows(ref_rows.start, ref_rows.stop), queries.rows(query_rows.start,
                                                                                            query_rows.stop)
         offset = ref_rows.start
@@ -265,7 +266,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
         offset = 0
     normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
     if process_group is not None and reference.length == 0:  # an empty shard adds zeros of the right structure
-        total = _normalised_sums(engine, reference.parent.rows(0, 1), rtol, on_zero, 0)
+        total = _normalised_sums(engine, whole_reference.rows(0, 1), rtol, on_zero, 0)
         for t in engine.sum_tensors(total):
             t.zero_()
     else:

@@ -33,15 +33,15 @@ from .engine import JacobianEngine, LayerwiseEngine
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
     DEFAULT_BLOCK_BYTES,
-    _block,
-    _place,
-    _prepare_columns,
-    _prepared_rows,
-    _reduce,
     check_similarity_call,
     data_output_dim,
     engine_chunks,
     engine_for_data,
+    kernel_block,
+    place_block,
+    prepare_columns,
+    prepare_rows,
+    reduce_block,
 )
 from .params import ParamSpec
 
@@ -207,10 +207,11 @@ def similarity_by_module(
         for name, block in blocks.items():
             if name not in out:
                 out[name] = block.new_empty((n, m, *block.shape[2:]))
-            _place(out[name], rows, cols, block, mirrored, reduce)
+            place_block(out[name], rows, cols, block, mirrored, reduce)
 
     def parts(rows, cols, parts_x, parts_y, rank_x, rank_y, mirrored):
-        blocks = {name: _reduce(_block(part_x, parts_y[name], kind, reduce, grams), kind, reduce, rank_x, rank_y)
+        blocks = {name: reduce_block(kernel_block(part_x, parts_y[name], kind, reduce, grams), kind, reduce,
+                                     rank_x, rank_y)
                   for name, part_x in parts_x.items()}
         if n is None or m is None:
             held.append((rows, cols, blocks, mirrored))
@@ -222,7 +223,7 @@ def similarity_by_module(
         for _, group in groupby(counted(row_chunks), key=lambda chunk: chunk[0] // rows_per_block):
             head = next(group)
             r0 = head[0]
-            Qx, rank_x = _prepared_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
+            Qx, rank_x = prepare_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
             r1 = r0 + engine.size(Qx)
             parts_x = _split(Qx, engine, layout)
             if symmetric:  # the diagonal block from this block's own Jacobians, then the columns right of it
@@ -231,7 +232,7 @@ def similarity_by_module(
             if m is not None and c_start >= m:
                 continue
             for c0, rep_y in counted(engine_chunks(engine, source_y, c_start)):
-                Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
+                Qy, rank_y = prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
                 parts(slice(r0, r1), slice(c0, c0 + engine.size(rep_y)), parts_x, _split(Qy, engine, layout),
                       rank_x, rank_y, symmetric)
     finally:

@@ -181,7 +181,7 @@ def _prepare(rep, kind: str, rtol: float | None, on_zero: str, offset: int,
     return engine.transform(rep, factor), rank
 
 
-def _block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
+def kernel_block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
     """`(bx, by)` reduced or `(bx, by, d, d)` full kernel block between prepared chunks.
 
     For "trace" the d x d blocks are never formed: Tr(A B^T) is a flattened dot product.
@@ -195,7 +195,7 @@ def _block(Qx, Qy, kind: str, reduce: str, engine=JacobianEngine) -> Tensor:
     return gram
 
 
-def _reduce(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: Tensor) -> Tensor:
+def reduce_block(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: Tensor) -> Tensor:
     """Applies a reduction to a `(bx, by)` trace block or a `(bx, by, d, d)` matrix block."""
     if reduce == "none":
         return block
@@ -239,7 +239,7 @@ def _validate(kind: str, reduce: str, on_zero: str, d: int | None = None) -> Non
         raise ValueError(f"reduce='rot' is the rotation-invariant kernel of 2-D outputs; here d = {d}")
 
 
-def _prepare_columns(rep, kind: str, rtol, on_zero, offset: int, engine=JacobianEngine) -> tuple[object, Tensor]:
+def prepare_columns(rep, kind: str, rtol, on_zero, offset: int, engine=JacobianEngine) -> tuple[object, Tensor]:
     """The column side: influence only normalises by the row input x, so J_y stays raw
     (a point with zero gradient is simply not moved by anything)."""
     if kind == "influence":
@@ -280,12 +280,12 @@ def similarity_from_jacobians(
         if bad is not None and bool(bad.any()):
             raise NonFiniteError({f"gradients ({name})": torch.nonzero(bad).flatten().tolist()})
     Qx, rank_x = _prepare(Jx, kind, rtol, on_zero, 0)
-    Qy, rank_y = _prepare_columns(Jx if Jy is None else Jy, kind, rtol, on_zero, 0)
-    out = _reduce(_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
+    Qy, rank_y = prepare_columns(Jx if Jy is None else Jy, kind, rtol, on_zero, 0)
+    out = reduce_block(kernel_block(Qx, Qy, kind, reduce), kind, reduce, rank_x, rank_y)
     return _exact_self(out, kind, reduce, rank_x) if Jy is None else out
 
 
-def _prepared_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int) -> tuple[object, Tensor]:
+def prepare_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int) -> tuple[object, Tensor]:
     """Prepared Jacobians of a row block, normalised chunk by chunk; all zero-gradient samples
     of the block are named at once."""
     reps, ranks = [], []
@@ -443,11 +443,11 @@ def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, outp
         for _, group in groupby(counted(row_chunks), key=lambda chunk: chunk[0] // rows_per_block):
             head = next(group)
             r0 = head[0]
-            Qx, rank_x = _prepared_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
+            Qx, rank_x = prepare_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
             r1 = r0 + engine.size(Qx)
             c_start = r0 if symmetric else 0
             if symmetric:  # the diagonal block reuses this block's own Jacobians
-                block = _reduce(_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
+                block = reduce_block(kernel_block(Qx, Qx, kind, reduce, engine), kind, reduce, rank_x, rank_x)
                 bar.update(r1 - r0)
                 yield slice(r0, r1), slice(r0, r1), _exact_self(block, kind, reduce, rank_x), False
                 c_start = r1
@@ -455,9 +455,9 @@ def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, outp
                 continue
             for c0, rep_y in counted(engine_chunks(engine, source_y, c_start)):
                 c1 = c0 + engine.size(rep_y)
-                Qy, rank_y = _prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
-                yield slice(r0, r1), slice(c0, c1), _reduce(_block(Qx, Qy, kind, reduce, engine), kind, reduce,
-                                                            rank_x, rank_y), symmetric
+                Qy, rank_y = prepare_columns(rep_y, kind, rtol, on_zero, c0, engine)
+                block = reduce_block(kernel_block(Qx, Qy, kind, reduce, engine), kind, reduce, rank_x, rank_y)
+                yield slice(r0, r1), slice(c0, c1), block, symmetric
     finally:
         bar.close()
 
@@ -560,16 +560,16 @@ def similarity(
             continue
         if out is None:
             out = block.new_empty((n, m, *block.shape[2:]))
-        _place(out, rows, cols, block, mirrored, reduce)
+        place_block(out, rows, cols, block, mirrored, reduce)
     if held:
         n, m = max(r.stop for r, _, _, _ in held), max(c.stop for _, c, _, _ in held)
         out = held[0][2].new_empty((n, m, *held[0][2].shape[2:]))
         for rows, cols, block, mirrored in held:
-            _place(out, rows, cols, block, mirrored, reduce)
+            place_block(out, rows, cols, block, mirrored, reduce)
     return out
 
 
-def _place(out: Tensor, rows: slice, cols: slice, block: Tensor, mirrored: bool, reduce: str) -> None:
+def place_block(out: Tensor, rows: slice, cols: slice, block: Tensor, mirrored: bool, reduce: str) -> None:
     out[rows, cols] = block
     if mirrored:
         out[cols, rows] = _transpose_block(block, reduce)

@@ -28,13 +28,11 @@ from .checks import (
     check_data,
     check_keywords,
     check_model,
-    check_positive_int,
-    check_rtol,
     model_device,
 )
 from .data import Source, as_source
 from .distributed import all_reduce_, gather_rows, shard
-from .engine import METHODS
+from .engine import check_engine_options
 from .grads import OutputFn, output_jvp, trainable_parameters
 from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, similarity_blocks
 from .params import ParamSpec
@@ -296,11 +294,7 @@ def check_soft_density_call(model: nn.Module, xs, reference, targets: Tensor | N
     """Every check of `soft_density`'s arguments that needs no forward pass; returns the data
     as `Source`s (reference: None when it is xs)."""
     check_choice("on_zero", on_zero, ON_ZERO)
-    check_choice("method", method, METHODS)
-    check_positive_int("chunk_size", chunk_size, optional=True)
-    check_rtol(rtol)
-    check_model(model)
-    trainable_parameters(model, params)
+    check_engine_options(model, method=method, chunk_size=chunk_size, params=params, rtol=rtol)
     device = model_device(model)
     queries = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
     check_data(model, queries)

@@ -29,17 +29,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checks import (
-    check_choice,
     check_data,
     check_keywords,
-    check_model,
     check_positive_int,
-    check_rtol,
     model_device,
 )
 from .data import Source, as_source
 from .density import soft_count
-from .engine import METHODS
+from .engine import check_engine_options
 from .grads import OutputFn, reduced_outputs, trainable_parameters
 from .kernel import DEFAULT_BLOCK_BYTES, data_output_dim, default_rtol, engine_chunks, engine_for_data
 from .params import ParamSpec
@@ -51,12 +48,8 @@ def _check_call(model: nn.Module, xs, targets: Tensor | None, *, chunk_size=None
                 targets_key: str | None = None) -> tuple[Source, Source | None]:
     """The checks every function here runs before the model does; returns the data as `Source`s
     (`other`: None when not given)."""
-    check_choice("method", method, METHODS)
-    check_positive_int("chunk_size", chunk_size, optional=True)
-    check_positive_int("max_block_bytes", max_block_bytes)
-    check_rtol(rtol)
-    check_model(model)
-    trainable_parameters(model, params)
+    check_engine_options(model, method=method, chunk_size=chunk_size, params=params, rtol=rtol,
+                         max_block_bytes=max_block_bytes)
     device = model_device(model)
     source = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
     check_data(model, source)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layerwise
-from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int
+from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int, check_rtol
 from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, trainable_parameters
 from .params import ParamSpec
 
@@ -219,6 +219,19 @@ AUTO_CACHE_SIZE = 64
 AUTO_PROBE_SAMPLES = 16
 AUTO_PROBE_BYTES = 256 * 2**20
 _AUTO_CHOICES: OrderedDict[tuple, str] = OrderedDict()
+
+
+def check_engine_options(model: nn.Module, *, method: str, chunk_size: int | None, params: ParamSpec,
+                         rtol: float | None = None, max_block_bytes=...) -> None:
+    """The option checks every kernel front-end runs before the model does: method, chunk
+    size, block size (when the function takes one), rtol, the model and the `params=` selection."""
+    check_choice("method", method, METHODS)
+    check_positive_int("chunk_size", chunk_size, optional=True)
+    if max_block_bytes is not ...:
+        check_positive_int("max_block_bytes", max_block_bytes)
+    check_rtol(rtol)
+    check_model(model)
+    trainable_parameters(model, params)
 
 
 def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,

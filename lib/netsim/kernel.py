@@ -52,14 +52,13 @@ from .checks import (
     check_choice,
     check_data,
     check_model,
-    check_positive_int,
     check_rtol,
     model_device,
     nonfinite_rows,
 )
 from .data import Source, TensorSource, as_source
 from .distributed import gather_rows, shard
-from .engine import AUTO_PROBE_SAMPLES, METHODS, JacobianEngine, engine_for
+from .engine import AUTO_PROBE_SAMPLES, JacobianEngine, check_engine_options, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
 from .params import ParamSpec
 
@@ -359,12 +358,8 @@ def check_similarity_call(model: nn.Module, xs, ys, *, kind: str, reduce: str,
     """Every check of `similarity`'s arguments that needs no forward pass (the model is not run).
     Returns the data as `Source`s (ys: None when it is xs)."""
     _validate(kind, reduce, on_zero)
-    check_choice("method", method, METHODS)
-    check_positive_int("chunk_size", chunk_size, optional=True)
-    check_positive_int("max_block_bytes", max_block_bytes)
-    check_rtol(rtol)
-    check_model(model)
-    trainable_parameters(model, params)
+    check_engine_options(model, method=method, chunk_size=chunk_size, params=params, rtol=rtol,
+                         max_block_bytes=max_block_bytes)
     source_x, source_y = similarity_sources(model, xs, ys, x_targets, y_targets, targets_key)
     check_data(model, source_x)
     if source_y is not None:

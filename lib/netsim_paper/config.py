@@ -2,7 +2,7 @@
 directories.
 
 Each experiment's settings are a frozen dataclass beside the experiment
-(`sinusoid/config.py`, `mnist/config.py`, `registration/config.py`) with a `SMOKE` and a
+(`sinusoid/config.py`, `mnist/config.py`, `registration/config.py`, `audit/config.py`) with a `SMOKE` and a
 `PAPER` instance. Each notebook's `parameters` cell holds only `profile` and `seed`;
 everything else it needs comes from here::
 
@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .audit.config import DataAuditConfig
 from .mnist.config import MnistSpeedupConfig
 from .registration.config import NeighborPatchesConfig, RegistrationConfig, SimilarityHistogramsConfig
 from .sinusoid.config import KernelTourConfig, SinusoidConfig
@@ -46,6 +47,7 @@ EXPERIMENTS: dict[str, type] = {
     "registration": RegistrationConfig,
     "neighbor_patches": NeighborPatchesConfig,
     "similarity_histograms": SimilarityHistogramsConfig,
+    "data_audit": DataAuditConfig,
 }
 
 

@@ -1,0 +1,75 @@
+"""How well a suspicion score finds the positives (flipped labels, misclassified images).
+
+Scores are "higher = more suspicious". Both metrics treat tied scores as a random order among
+themselves and return its expectation, so a coarse score (e.g. a fraction of 10 neighbours)
+is neither favoured nor penalised by how ties happen to be broken.
+
+Example:
+    >>> import numpy as np
+    >>> auroc(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, False, True, False]))
+    0.75
+    >>> precision_at_k(np.array([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False]), 2)
+    0.75
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(scores, positives) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives)
+    if scores.ndim != 1 or positives.shape != scores.shape:
+        raise ValueError(f"need 1-D scores and positives of one length, got {scores.shape} and {positives.shape}")
+    if positives.dtype != np.bool_:
+        raise ValueError(f"positives must be booleans, got dtype {positives.dtype}")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"scores must be finite; {int((~np.isfinite(scores)).sum())} are not")
+    return scores, positives
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks in increasing order, ties sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties counting 1/2.
+
+    Args:
+        scores: `(N,)` finite suspicion scores.
+        positives: `(N,)` bool, the samples to find.
+
+    Raises:
+        ValueError: shapes, non-finite scores, or no positive or no negative.
+    """
+    scores, positives = _check(scores, positives)
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs positives and negatives, got {n_pos} and {n_neg}")
+    rank_sum = midranks(scores)[positives].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def precision_at_k(scores, positives, k: int) -> float:
+    """Fraction of positives among the `k` highest scores (expected over the order of tied scores).
+
+    Args:
+        scores: `(N,)` finite suspicion scores.
+        positives: `(N,)` bool.
+        k: how many samples are flagged, 1..N (e.g. the number of positives).
+
+    Raises:
+        ValueError: shapes, non-finite scores, k out of range.
+    """
+    scores, positives = _check(scores, positives)
+    if isinstance(k, bool) or not 1 <= k <= len(scores):
+        raise ValueError(f"k must lie in [1, {len(scores)}], got {k!r}")
+    threshold = np.sort(scores)[::-1][k - 1]
+    above, tied = scores > threshold, scores == threshold
+    needed = k - int(above.sum())   # of the tied group, this many are flagged: a random subset of it
+    return float((positives[above].sum() + needed * positives[tied].mean()) / k)

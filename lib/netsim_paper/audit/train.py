@@ -1,0 +1,80 @@
+"""Training the authors' CNN on the (noisy) labels, and what the audit reads from it: logits and
+penultimate-layer embeddings.
+
+Example:
+    >>> import torch
+    >>> from netsim_paper.mnist.speedup import mnist_cnn
+    >>> model = mnist_cnn(seed=0)
+    >>> images, labels = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
+    >>> losses = train_classifier(model, images, labels, epochs=1, batch_size=16, lr=1e-3, seed=0)
+    >>> len(losses), embeddings(model, images).shape
+    (1, torch.Size([32, 256]))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+#: Inputs per forward pass when only evaluating (bounds the activations' memory).
+EVAL_BATCH = 1000
+
+
+def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, *, epochs: int, batch_size: int, lr: float,
+                     seed: int, progress: bool = False) -> list[float]:
+    """Plain training: Adam on the mean cross-entropy, shuffled mini-batches (seeded), in place.
+
+    Args:
+        model: maps `(B, ...)` to logits `(B, C)`; trained in place.
+        images: `(N, ...)` inputs.
+        labels: `(N,)` int64 targets (here the possibly flipped labels).
+        epochs, batch_size, lr: the schedule; the last batch of an epoch may be smaller.
+        seed: seed of the batch order (the weights' initialisation is the model's own).
+        progress: show a progress bar per epoch.
+
+    Returns:
+        The mean training loss of each epoch.
+
+    Raises:
+        ValueError: mismatched lengths, non-positive epochs or batch size.
+        FloatingPointError: a non-finite loss.
+    """
+    if len(images) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    means = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        total = 0.0
+        for start in tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}", disable=not progress):
+            batch = order[start:start + batch_size]
+            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, batch at {start}")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        means.append(total / len(labels))
+    model.eval()
+    return means
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: Tensor) -> Tensor:
+    """`(N, C)` outputs of `model` for `(N, ...)` inputs, `EVAL_BATCH` at a time."""
+    return torch.cat([model(images[s:s + EVAL_BATCH]) for s in range(0, len(images), EVAL_BATCH)])
+
+
+@torch.no_grad()
+def embeddings(model: nn.Sequential, images: Tensor) -> Tensor:
+    """`(N, h)` penultimate-layer features: the input of the last layer of a Sequential classifier."""
+    if not isinstance(model, nn.Sequential) or len(model) < 2:
+        raise TypeError(f"embeddings needs an nn.Sequential whose last module is the classifier, got "
+                        f"{type(model).__name__}")
+    return logits(model[:-1], images)

@@ -15,18 +15,22 @@ Data may be a tensor, a Dataset, a DataLoader or any iterable of batches (`netsi
 `params=` picks the parameters the kernels differentiate against (`netsim.params`).
 """
 
+__version__ = "0.1.0"   # before the imports: netsim.index records it in its manifests
+
 from . import data, engine, outputs, params
 from .by_module import similarity_by_module
 from .checks import NonFiniteError
 from .density import counts_from_kernel, neighbour_counts, soft_density
 from .grads import iter_jacobians, num_parameters, output_jvp, per_sample_grads, trainable_parameters
+from .index import SimilarityIndex
 from .kernel import ZeroGradientError, psd_power, similarity, similarity_from_jacobians
 from .layerwise import without_inplace
-
-__version__ = "0.1.0"
+from .store import CorruptIndexError
 
 __all__ = [
+    "CorruptIndexError",
     "NonFiniteError",
+    "SimilarityIndex",
     "ZeroGradientError",
     "counts_from_kernel",
     "data",

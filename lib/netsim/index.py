@@ -1,0 +1,576 @@
+"""`SimilarityIndex`: a data set's Jacobians stored once on disk, queried for kernels, neighbours and densities.
+
+`SimilarityIndex.build` streams the data once and stores, per sample, the representation of its
+Jacobian J(x) `(d, p)` that the kernels need, in the layer-wise form of `netsim.layerwise`:
+
+- exact (`sketch=None`): each layer as the engine represents it -- a Linear layer as its two
+  factors (input x and output gradients delta, in + d out values instead of d in out), other
+  layers as their per-sample gradient block. Queries then equal `netsim.similarity` and
+  `netsim.soft_density` (to rounding).
+- sketched (`sketch=k`): a seeded random projection to about k values per sample and output row
+  (`netsim.sketch`: Kronecker-structured for Linear layers, a count sketch for the rest). The
+  normalisation of k^C is taken from the sketch itself (the cosine of the sketched Jacobians), so
+  k^C(x, x) = 1 and |k^C| <= 1 still hold. `calibrate` measures its error against exact kernels.
+
+The self-kernel normalisation K(x, x)^-1/2 is recomputed from the stored representation when a
+shard is read (d^2 per stored value: 1/Q of the work of a block of Q queries).
+
+On disk (`netsim.store`): a manifest (model fingerprint, output function, parameters, sketch
+plan and seed, dtype, versions, sample count, completed shards with their checksums) and
+memory-mapped shards of `shard_size` samples. A killed build resumes at the first incomplete
+shard; `open` refuses a model whose parameters differ from the one the index was built from; a
+shard whose files do not match their checksums raises `CorruptIndexError` when first read.
+
+Every query streams over the shards in blocks: memory is one block of queries, one shard and
+one `(queries, shard)` block, whatever the size of the index.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from itertools import chain, groupby
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__, store
+from .by_module import _jacobian_layout, _layerwise_layout, parameter_modules
+from .checks import check_choice, check_data, check_model, check_positive_int, model_device
+from .data import as_source
+from .density import _normaliser
+from .engine import LayerwiseEngine, check_engine_options
+from .grads import OutputFn, trainable_parameters
+from .kernel import (
+    DEFAULT_BLOCK_BYTES,
+    KINDS,
+    ON_ZERO,
+    data_output_dim,
+    engine_chunks,
+    engine_for_data,
+    kernel_block,
+    left_factor,
+    prepare_columns,
+    prepare_rows,
+    reduce_block,
+)
+from .layerwise import DenseFactors, LinearFactors
+from .params import ParamSpec
+from .sketch import Sketch, plan_sketch
+
+Rep = list  # a chunk's entries: LinearFactors / DenseFactors
+ENGINE = LayerwiseEngine  # the kernel operations on stored entries (static methods)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's class, parameter and buffer names, shapes, dtypes and values."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def describe_function(fn) -> str | None:
+    """A stable description of an output function (module and qualified name; partials spelled out)."""
+    if fn is None:
+        return None
+    if isinstance(fn, functools.partial):
+        args = ", ".join([describe_function(fn.func), *map(repr, fn.args),
+                          *(f"{k}={v!r}" for k, v in sorted(fn.keywords.items()))])
+        return f"partial({args})"
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    return f"{getattr(fn, '__module__', type(fn).__module__)}.{name}"
+
+
+def _entries(rep, model: nn.Module, params: ParamSpec) -> Rep:
+    """A chunk of an engine's representation as layer-wise entries of one module each (the Jacobian
+    engine's `(n, d, p)` is cut into its modules' column blocks)."""
+    if isinstance(rep, list):
+        return rep
+    names = parameter_modules(model, params)
+    return [DenseFactors(rep[:, :, cols], tuple(names[m])) for m, cols in _jacobian_layout(model, params).items()]
+
+
+def _entry_layout(rep: Rep) -> list[dict]:
+    return [{"type": "dense", "names": list(f.names)} if isinstance(f, DenseFactors) else
+            {"type": "linear", "names": list(f.names), "bias": f.bias, "weight": f.weight} for f in rep]
+
+
+def _slice(rep: Rep, rows) -> Rep:
+    return [DenseFactors(f.grads[rows], f.names) if isinstance(f, DenseFactors) else
+            LinearFactors(f.x[rows], f.delta[rows], f.bias, f.weight, f.names) for f in rep]
+
+
+def _cat(reps: list[Rep]) -> Rep:
+    out = ENGINE.cat(reps)
+    return [DenseFactors(f.grads, g.names) if isinstance(f, DenseFactors) else
+            LinearFactors(f.x, f.delta, f.bias, f.weight, g.names) for f, g in zip(out, reps[0])]
+
+
+class SimilarityIndex:
+    """An on-disk index of a data set's Jacobians (see the module docstring). Build with `build`,
+    reopen with `open`; `len(index)` is the number of indexed samples."""
+
+    def __init__(self, root: Path, manifest: dict, model: nn.Module, output_fn: OutputFn | None,
+                 params: ParamSpec, chunk_size: int | None, verified: set[int] | None = None):
+        self.path, self.manifest, self.model = Path(root), manifest, model
+        self.output_fn, self.params, self.chunk_size = output_fn, params, chunk_size
+        self._sketch = Sketch(manifest["sketch_plan"]) if manifest["sketch_plan"] else None
+        self._verified = set() if verified is None else verified
+
+    # ------------------------------------------------------------------ building and opening
+    @classmethod
+    def build(cls, model: nn.Module, data, path, *, output_fn: OutputFn | None = None, targets: Tensor | None = None,
+              targets_key: str | None = None, params: ParamSpec = None, sketch: int | None = None, seed: int = 0,
+              shard_size: int = 4096, method: str = "auto", chunk_size: int | None = None, on_zero: str = "raise",
+              progress: bool = False, process_group=None) -> SimilarityIndex:
+        """Streams `data` once and stores what the kernels need of every sample under `path`.
+
+        If `path` already holds an index built with the same settings, a complete one is reopened
+        and a partial one (a killed build) resumes at its first incomplete shard; an index built
+        with other settings (another model, output function, parameters, sketch) is refused,
+        never overwritten.
+
+        Args:
+            model: the trained network (eval mode).
+            data: any data form of `netsim.data` (tensor, Dataset, DataLoader, iterable of batches),
+                read once (and its first samples once more for the layout).
+            path: a directory (created).
+            output_fn, targets, targets_key, params, method, chunk_size, on_zero: as in
+                `netsim.similarity` (targets: one row per sample, for `output_fn(out, targets)`).
+            sketch: None (exact) or k, the stored values per sample and output row of a seeded
+                random projection (`netsim.sketch`).
+            seed: the projections' seed (recorded in the manifest).
+            shard_size: samples per shard (the unit of resumption and of reading).
+            progress: a tqdm bar over the samples.
+            process_group: a `torch.distributed` group: every rank passes the same data and path
+                (a shared file system) and writes the shards `s` with `s % world == rank`; the data
+                must have a known length.
+
+        Raises:
+            FileExistsError: `path` holds an index with other settings (or is a file).
+            ZeroGradientError, NonFiniteError: as in `netsim.similarity`.
+        """
+        check_engine_options(model, method=method, chunk_size=chunk_size, params=params)
+        check_positive_int("shard_size", shard_size)
+        check_choice("on_zero", on_zero, ON_ZERO)
+        if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
+            raise ValueError(f"sketch must be None (exact) or a positive int, got {sketch!r}")
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise FileExistsError(f"{root} exists and is not a directory")
+        source = as_source(data, targets, targets_key=targets_key, name="data", device=model_device(model))
+        check_data(model, source)
+        distributed = process_group is not None
+        if distributed and source.length is None:
+            raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+        settings = cls._settings(model, output_fn, params, sketch, seed, shard_size, on_zero)
+        rank = dist.get_rank(process_group) if distributed else 0
+        manifest = store.read_manifest(root)
+        if manifest is not None:
+            cls._check_settings(manifest, settings, root)
+            if method != "auto" and method != manifest["engine"]:
+                raise FileExistsError(f"{root} was built with method={manifest['engine']!r}, not {method!r}")
+        elif rank == 0:
+            manifest = cls._new_manifest(model, source, settings, output_fn, chunk_size, method, params)
+            root.mkdir(parents=True, exist_ok=True)
+            store.write_json(root / store.MANIFEST, manifest)
+        if distributed:
+            dist.barrier(process_group)
+            manifest = store.read_manifest(root)
+        index = cls(root, manifest, model, output_fn, params, chunk_size)
+        if manifest["complete"]:
+            return index
+        if rank == 0:
+            store.remove_partial(root)
+        if distributed:
+            dist.barrier(process_group)
+        index._write_shards(source, progress, process_group)
+        if distributed:
+            dist.barrier(process_group)
+        if rank == 0:
+            index._finish(source)
+        if distributed:
+            dist.barrier(process_group)
+            index.manifest = store.read_manifest(root)
+        return index
+
+    @staticmethod
+    def _settings(model, output_fn, params, sketch, seed, shard_size, on_zero) -> dict:
+        first = next(iter(trainable_parameters(model, params).values()))
+        return {"fingerprint": model_fingerprint(model), "output_fn": describe_function(output_fn),
+                "parameters": list(trainable_parameters(model, params)), "sketch": sketch,
+                "seed": seed if sketch is not None else None, "dtype": str(first.dtype).replace("torch.", ""),
+                "shard_size": shard_size, "on_zero": on_zero}
+
+    @staticmethod
+    def _check_settings(manifest: dict, settings: dict, root: Path) -> None:
+        differ = [k for k in settings if manifest["settings"].get(k) != settings[k]]
+        if differ:
+            details = "; ".join(f"{k}: index {manifest['settings'].get(k)!r}, now {settings[k]!r}"
+                                for k in differ if k not in ("fingerprint", "parameters"))
+            if "fingerprint" in differ:
+                details = "the model's parameters or buffers differ (another model, or it was trained further)" + (
+                    f"; {details}" if details else "")
+            if "parameters" in differ:
+                details += "; the selected parameters differ"
+            raise FileExistsError(f"{root} holds an index built with other settings ({details.strip('; ')}). "
+                                  "Use another path, or delete that directory to rebuild it.")
+
+    @classmethod
+    def _new_manifest(cls, model, source, settings, output_fn, chunk_size, method, params) -> dict:
+        engine = engine_for_data(model, source, output_fn, chunk_size, method, params)
+        d = data_output_dim(model, source, output_fn)
+        inputs, targets = source.first(engine.chunk)
+        rep = _entries(next(engine.chunks(inputs, targets))[1], model, params)
+        plan = None if settings["sketch"] is None else plan_sketch(rep, settings["sketch"], settings["seed"])
+        stored = rep if plan is None else Sketch(plan).apply(rep)
+        return {"format": store.FORMAT, "settings": settings, "engine": engine.name, "d": d,
+                "layout": _entry_layout(rep), "sketch_plan": plan, "values_per_sample": _values_per_sample(stored),
+                "versions": {"netsim": __version__, "torch": torch.__version__, "numpy": np.__version__},
+                "count": None, "complete": False, "shards": [], "calibration": None}
+
+    @classmethod
+    def open(cls, path, model: nn.Module, *, output_fn: OutputFn | None = None, params: ParamSpec = None,
+             chunk_size: int | None = None) -> SimilarityIndex:
+        """Reopens a complete index for `model` (the same output function and parameter selection).
+
+        Raises:
+            FileNotFoundError: no index at `path`.
+            ValueError: the index is incomplete (call `build` again to resume it), or was built
+                from another model (its parameter fingerprint differs), output function or
+                parameter selection.
+            CorruptIndexError: an unreadable manifest.
+        """
+        check_model(model)
+        root = Path(path)
+        manifest = store.read_manifest(root)
+        if manifest is None:
+            raise FileNotFoundError(f"no SimilarityIndex at {root} (no {store.MANIFEST})")
+        if not manifest["complete"]:
+            raise ValueError(f"the index at {root} is incomplete ({len(manifest['shards'])} shard(s) done): call "
+                             "SimilarityIndex.build with the same arguments to resume it")
+        saved = manifest["settings"]
+        now = cls._settings(model, output_fn, params, saved["sketch"], saved["seed"], saved["shard_size"],
+                            saved["on_zero"])
+        try:
+            cls._check_settings(manifest, now, root)
+        except FileExistsError as error:
+            raise ValueError(f"this model does not match the index: {error}") from None
+        return cls(root, manifest, model, output_fn, params, chunk_size)
+
+    def _write_shards(self, source, progress: bool, process_group) -> None:
+        size = self.manifest["settings"]["shard_size"]
+        done = {m["index"]: m for m in store.completed_shards(self.path)}
+        engine = self._engine(source)
+        bar = tqdm(total=source.length, desc="index", unit="sample", disable=not progress)
+        try:
+            if process_group is None:
+                start = 0
+                while start // size in done:   # the complete prefix (shards are written in order)
+                    start = done[start // size]["stop"]
+                bar.update(start)
+                chunks = engine_chunks(engine, source, start, block=size)
+                for s, group in groupby(chunks, key=lambda chunk: chunk[0] // size):
+                    reps = []
+                    for offset, rep in group:
+                        reps.append(self._stored(rep, offset))
+                        bar.update(ENGINE.size(reps[-1]))
+                    self._add_shard(store.write_shard(self.path, s, s * size, _cat(reps)))
+            else:
+                rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+                for s in range(rank, math.ceil(source.length / size), world):
+                    if s in done:
+                        continue
+                    stop = min(source.length, (s + 1) * size)
+                    reps = [self._stored(rep, s * size + o) for o, rep in
+                            engine_chunks(engine, source.rows(s * size, stop))]
+                    store.write_shard(self.path, s, s * size, _cat(reps))
+                    bar.update(stop - s * size)
+        finally:
+            bar.close()
+
+    def _stored(self, rep, offset: int) -> Rep:
+        """A chunk as it is stored: checked for zero gradients, split by module, sketched."""
+        rep = _entries(rep, self.model, self.params)
+        left_factor(rep, "correlation", None, self.manifest["settings"]["on_zero"], offset, ENGINE)
+        return self._sketch.apply(rep) if self._sketch is not None else rep
+
+    def _add_shard(self, meta: dict) -> None:
+        self._verified.add(meta["index"])
+        self.manifest["shards"] = sorted([*(m for m in self.manifest["shards"] if m["index"] != meta["index"]), meta],
+                                         key=lambda m: m["index"])
+        store.write_json(self.path / store.MANIFEST, self.manifest)
+
+    def _finish(self, source) -> None:
+        metas = store.completed_shards(self.path)
+        stops = [m["stop"] for m in metas]
+        length = stops[-1] if source.length is None else source.length
+        if [m["start"] for m in metas] != [0, *stops[:-1]] or stops[-1] != length:
+            raise RuntimeError(f"the shards under {self.path} do not cover the data contiguously: "
+                               f"{[(m['start'], m['stop']) for m in metas]}")
+        self.manifest.update(shards=metas, count=stops[-1], complete=True)
+        store.write_json(self.path / store.MANIFEST, self.manifest)
+
+    # ------------------------------------------------------------------ representations
+    def _engine(self, source):
+        return engine_for_data(self.model, source, self.output_fn, self.chunk_size, self.manifest["engine"],
+                               self.params)
+
+    def _query_reps(self, xs, targets, targets_key, block: int | None = None) -> Iterator[tuple[int, Rep]]:
+        """`(offset, stored-like representation)` of query data, chunk by chunk (checked like the
+        index's layout)."""
+        source = as_source(xs, targets, targets_key=targets_key, name="xs", device=model_device(self.model))
+        check_data(self.model, source)
+        engine = self._engine(source)
+        for offset, rep in engine_chunks(engine, source, block=block):
+            rep = _entries(rep, self.model, self.params)
+            if _entry_layout(rep) != self.manifest["layout"]:
+                raise ValueError("the queries' layer layout differs from the index's: not the same model structure")
+            yield offset, self._sketch.apply(rep) if self._sketch is not None else rep
+
+    def _shards(self) -> Iterator[tuple[dict, Rep]]:
+        for meta in self.manifest["shards"]:
+            yield meta, self._read(meta)
+
+    def _read(self, meta: dict) -> Rep:
+        if meta["index"] not in self._verified:
+            store.verify_shard(self.path, meta)
+            self._verified.add(meta["index"])
+        return store.read_shard(self.path, meta, self.manifest["layout"], model_device(self.model))
+
+    def _rows(self, indices: list[int]) -> Rep:
+        """The stored entries of the samples at `indices` (global row numbers), in that order."""
+        reps = []
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"sample {i} is not in the index (0..{len(self) - 1})")
+            meta = next(m for m in self.manifest["shards"] if m["start"] <= i < m["stop"])
+            reps.append(_slice(self._read(meta), slice(i - meta["start"], i - meta["start"] + 1)))
+        return _cat(reps)
+
+    def _rows_per_block(self) -> int:
+        itemsize = torch.empty(0, dtype=getattr(torch, self.manifest["settings"]["dtype"])).element_size()
+        per_sample = self.manifest["values_per_sample"] * itemsize
+        return max(1, min(DEFAULT_BLOCK_BYTES // max(per_sample, 1), self.manifest["settings"]["shard_size"]))
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return int(self.manifest["count"] or 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return store.directory_bytes(self.path)
+
+    def __repr__(self) -> str:
+        mode = "exact" if self.manifest["sketch_plan"] is None else f"sketch={self.manifest['settings']['sketch']}"
+        return f"SimilarityIndex({str(self.path)!r}, {len(self)} samples, d={self.manifest['d']}, {mode})"
+
+    def verify(self) -> None:
+        """Checks every shard against its checksums (raises `CorruptIndexError`)."""
+        for meta in self.manifest["shards"]:
+            store.verify_shard(self.path, meta)
+            self._verified.add(meta["index"])
+
+    def _blocks(self, xs, targets, targets_key, kind: str) -> Iterator[tuple[slice, dict, Tensor]]:
+        """`(query rows, shard meta, (b, shard) kernel block)` for every query block and shard."""
+        check_choice("kind", kind, KINDS)
+        on_zero = self.manifest["settings"]["on_zero"]
+        block = self._rows_per_block()
+        chunks = self._query_reps(xs, targets, targets_key, block=block)
+        for _, group in groupby(chunks, key=lambda chunk: chunk[0] // block):
+            head = next(group)
+            Qx, rank_x = prepare_rows(chain([head], group), ENGINE, kind, None, on_zero, head[0])  # noqa: B031
+            rows = slice(head[0], head[0] + ENGINE.size(Qx))
+            for meta, rep in self._shards():
+                Qy, rank_y = prepare_columns(rep, kind, None, on_zero, meta["start"], ENGINE)
+                yield rows, meta, reduce_block(kernel_block(Qx, Qy, kind, "trace", ENGINE), kind, "trace",
+                                               rank_x, rank_y)
+
+    def similarity(self, xs, *, kind: str = "correlation", targets: Tensor | None = None,
+                   targets_key: str | None = None) -> Tensor:
+        """The kernel rows of query inputs against every indexed sample.
+
+        Args:
+            xs: `(Q, ...)` queries, any data form of `netsim.data` (read once).
+            kind: "correlation" (k^C), "inner" (k^I) or "influence" (k^N: entry [q, j] is the
+                influence of query q on indexed sample j), reduced by the trace.
+            targets, targets_key: the queries' targets for the output function.
+
+        Returns:
+            `(Q, N)`: equal to `netsim.similarity(model, xs, indexed data, kind=kind)` for an exact index.
+        """
+        rows_out = []
+        for rows, meta, block in self._blocks(xs, targets, targets_key, kind):
+            if meta["index"] == 0:
+                rows_out.append(block.new_empty(rows.stop - rows.start, len(self)))
+            rows_out[-1][:, meta["start"]:meta["stop"]] = block
+        return torch.cat(rows_out)
+
+    def query(self, xs, k: int = 10, *, kind: str = "correlation", targets: Tensor | None = None,
+              targets_key: str | None = None) -> tuple[Tensor, Tensor]:
+        """The k most similar indexed samples of each query, streamed (no `(Q, N)` matrix).
+
+        Returns:
+            `(values, indices)`, both `(Q, k)`, by decreasing similarity (k is capped at N).
+        """
+        check_positive_int("k", k)
+        k = min(k, len(self))
+        values, indices = [], []
+        for rows, meta, block in self._blocks(xs, targets, targets_key, kind):
+            if meta["index"] == 0:
+                values.append(block.new_full((rows.stop - rows.start, k), -math.inf))
+                indices.append(torch.full((rows.stop - rows.start, k), -1, dtype=torch.long, device=block.device))
+            _merge_top(values[-1], indices[-1], block, meta["start"], k)
+        return torch.cat(values), torch.cat(indices)
+
+    def neighbours(self, k: int = 10, *, kind: str = "correlation", progress: bool = False) -> tuple[Tensor, Tensor]:
+        """The k most similar other indexed samples of every indexed sample (self excluded).
+
+        For the symmetric kinds each pair of shards is compared once (the upper triangle).
+
+        Returns:
+            `(values, indices)`, both `(N, k)`, by decreasing similarity (k capped at N - 1).
+        """
+        check_choice("kind", kind, KINDS)
+        check_positive_int("k", k)
+        k = min(k, len(self) - 1)
+        if k < 1:
+            raise ValueError("neighbours needs at least two indexed samples")
+        on_zero = self.manifest["settings"]["on_zero"]
+        shards = self.manifest["shards"]
+        values = None
+        indices = torch.full((len(self), k), -1, dtype=torch.long)
+        bar = tqdm(total=len(shards), desc=f"neighbours k^{kind}", unit="shard", disable=not progress)
+        symmetric = kind != "influence"
+        for a, meta_a in enumerate(shards):
+            rep_a = self._read(meta_a)
+            Qa, rank_a = prepare_rows([(meta_a["start"], rep_a)], ENGINE, kind, None, on_zero, meta_a["start"])
+            rows_a = slice(meta_a["start"], meta_a["stop"])
+            for meta_b in shards[a if symmetric else 0:]:
+                rows_b = slice(meta_b["start"], meta_b["stop"])
+                Qb, rank_b = (Qa, rank_a) if meta_b is meta_a and symmetric else \
+                    prepare_columns(self._read(meta_b), kind, None, on_zero, meta_b["start"], ENGINE)
+                block = reduce_block(kernel_block(Qa, Qb, kind, "trace", ENGINE), kind, "trace", rank_a, rank_b)
+                if values is None:
+                    values = block.new_full((len(self), k), -math.inf)
+                    indices = indices.to(block.device)
+                if meta_b is meta_a:
+                    block.fill_diagonal_(-math.inf)
+                _merge_top(values[rows_a], indices[rows_a], block, rows_b.start, k)
+                if symmetric and meta_b is not meta_a:
+                    _merge_top(values[rows_b], indices[rows_b], block.T, rows_a.start, k)
+            bar.update()
+        bar.close()
+        return values, indices
+
+    def soft_density(self, xs=None, *, targets: Tensor | None = None, targets_key: str | None = None) -> Tensor:
+        """Soft neighbour counts N_S(x) = sum over the indexed samples x' of k^C(x, x'), without an N x N matrix.
+
+        Two passes over the shards (paper section 4.2): A = sum of the normalised stored Jacobians,
+        then N_S(x) = Tr(Q(x) A^T).
+
+        Args:
+            xs: None for the indexed samples themselves (the count includes the self term 1), or
+                `(Q, ...)` query data counted against the index.
+
+        Returns:
+            `(N,)` or `(Q,)`; equal to `netsim.soft_density` for an exact index.
+        """
+        on_zero = self.manifest["settings"]["on_zero"]
+        total = None
+        for meta, rep in self._shards():
+            normalised = ENGINE.transform(rep, _normaliser(ENGINE, rep, None, on_zero, meta["start"]))
+            total = ENGINE.add_sums(total, ENGINE.summed(normalised))
+        chunks = ((m["start"], r) for m, r in self._shards()) if xs is None else \
+            self._query_reps(xs, targets, targets_key)
+        counts = []
+        for offset, rep in chunks:
+            normalised = ENGINE.transform(rep, _normaliser(ENGINE, rep, None, on_zero, offset))
+            counts.append(ENGINE.dot_with_sums(normalised, total).diagonal(dim1=-2, dim2=-1).sum(-1))
+        return torch.cat(counts)
+
+    def explain(self, i: int, j: int, *, kind: str = "correlation") -> OrderedDict[str, float]:
+        """Why indexed samples i and j are similar: the kernel split over the modules owning parameters.
+
+        The parts add up to the pair's kernel (as `netsim.similarity_by_module`, whose module
+        docstring gives the split of each kind), computed from the stored representation.
+
+        Returns:
+            `{module name: contribution}` in the model's module order.
+        """
+        check_choice("kind", kind, KINDS)
+        on_zero = self.manifest["settings"]["on_zero"]
+        rep = self._rows([i, j])
+        layout = _layerwise_layout(rep)
+        Qi, rank_i = prepare_rows([(0, _slice(rep, slice(0, 1)))], ENGINE, kind, None, on_zero, i)
+        Qj, rank_j = prepare_columns(_slice(rep, slice(1, 2)), kind, None, on_zero, j, ENGINE)
+        parts_i, parts_j = ({m: [Q[e] for e in entries] for m, entries in layout.items()} for Q in (Qi, Qj))
+        return OrderedDict((name, float(reduce_block(kernel_block(parts_i[name], parts_j[name], kind, "trace", ENGINE),
+                                                     kind, "trace", rank_i, rank_j)[0, 0]))
+                           for name in layout)
+
+    def calibrate(self, data, n_pairs: int = 2000, *, targets: Tensor | None = None,
+                  targets_key: str | None = None, seed: int = 0) -> dict:
+        """Measures the error of the index's k^C against exact kernels, and records it in the manifest.
+
+        Draws a random subset of m indexed samples (seeded; m(m - 1)/2 >= n_pairs), recomputes their
+        exact Jacobians from `data` (the data the index was built from, in the same order), and
+        compares exact k^C with the index's on every pair of the subset.
+
+        Returns:
+            `{"n_pairs", "median_abs_err", "p99_abs_err", "max_abs_err", "mean_err"}` (also
+            `index.manifest["calibration"]`, saved to disk).
+        """
+        from .kernel import similarity  # the exact reference
+
+        check_positive_int("n_pairs", n_pairs)
+        m = min(len(self), math.ceil((1 + math.sqrt(1 + 8 * n_pairs)) / 2))
+        if m < 2:
+            raise ValueError("calibrate needs at least two indexed samples")
+        source = as_source(data, targets, targets_key=targets_key, name="data", device=model_device(self.model))
+        if source.length is not None and source.length != len(self):
+            raise ValueError(f"data holds {source.length} samples, the index {len(self)}: pass the data the index "
+                             "was built from")
+        picked = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:m].sort().values
+        exact = similarity(self.model, source.select(picked), output_fn=self.output_fn, method=self.manifest["engine"],
+                           params=self.params, chunk_size=self.chunk_size, on_zero=self.manifest["settings"]["on_zero"])
+        rep = self._rows(picked.tolist())
+        on_zero = self.manifest["settings"]["on_zero"]
+        Q, rank = prepare_rows([(0, rep)], ENGINE, "correlation", None, on_zero, 0)
+        stored = reduce_block(kernel_block(Q, Q, "correlation", "trace", ENGINE), "correlation", "trace", rank, rank)
+        upper = torch.triu_indices(m, m, 1)
+        err = (stored - exact)[upper[0], upper[1]].double().cpu()
+        report = {"n_pairs": int(err.numel()), "median_abs_err": float(err.abs().median()),
+                  "p99_abs_err": float(err.abs().quantile(0.99)), "max_abs_err": float(err.abs().max()),
+                  "mean_err": float(err.mean()), "seed": seed}
+        self.manifest["calibration"] = report
+        store.write_json(self.path / store.MANIFEST, self.manifest)
+        return report
+
+
+def _values_per_sample(rep: Rep) -> int:
+    """Values stored per sample by a representation."""
+    return sum(f.grads[0].numel() if isinstance(f, DenseFactors) else
+               (f.x.shape[1] if f.weight else 0) + f.delta[0].numel() for f in rep)
+
+
+def _merge_top(values: Tensor, indices: Tensor, block: Tensor, offset: int, k: int) -> None:
+    """Merges a `(b, c)` block whose columns are samples offset.. into running top-k (in place)."""
+    cand_values = torch.cat([values, block], 1)
+    cand_indices = torch.cat([indices, torch.arange(offset, offset + block.shape[1], device=block.device)
+                              .expand(block.shape[0], -1)], 1)
+    top = cand_values.topk(k, dim=1)
+    values.copy_(top.values)
+    indices.copy_(cand_indices.gather(1, top.indices))

@@ -10,9 +10,9 @@ import torch
 
 from netsim.neighbours import neg_l2_distances, top_neighbours
 from netsim_paper.audit.data import flip_labels
-from netsim_paper.audit.metrics import auroc, midranks, precision_at_k
+from netsim_paper.audit.metrics import auroc, auroc_null_sd, bootstrap_aurocs, midranks, precision_at_k, roc_curve
 from netsim_paper.audit.scoring import euclidean_neighbours, label_disagreement, per_sample_loss
-from netsim_paper.audit.train import embeddings, logits, train_classifier
+from netsim_paper.audit.train import embeddings, logits, out_of_fold_probabilities, train_classifier
 from netsim_paper.mnist.speedup import mnist_cnn
 
 
@@ -42,6 +42,18 @@ def test_auroc_extremes():
     assert auroc(np.array([5.0, 4, 3, 2, 1]), positives) == 1.0
     assert auroc(np.array([1.0, 2, 3, 4, 5]), positives) == 0.0
     assert auroc(np.zeros(5), positives) == 0.5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_curve_area_is_the_auroc(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 50).astype(float)
+    positives = rng.random(50) < 0.4
+    fpr, tpr = roc_curve(scores, positives)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all() and len(fpr) == len(np.unique(scores)) + 1
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(auroc(scores, positives))
 
 
 def test_midranks_share_the_ranks_of_ties():
@@ -75,6 +87,28 @@ def test_precision_at_k_without_ties_counts_the_top_k():
 def test_metrics_refuse_bad_input(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_auroc_null_sd_is_the_spread_of_unrelated_scores():
+    rng = np.random.default_rng(0)
+    positives = np.arange(50) < 20
+    spread = np.std([auroc(rng.standard_normal(50), positives) for _ in range(4000)])
+    assert spread == pytest.approx(auroc_null_sd(20, 30), rel=0.05)
+    with pytest.raises(ValueError):
+        auroc_null_sd(0, 5)
+
+
+def test_bootstrap_aurocs_are_paired_resamples():
+    rng = np.random.default_rng(1)
+    positives = rng.random(80) < 0.3
+    scores = {"a": rng.standard_normal(80) + positives, "b": rng.standard_normal(80)}
+    reps = bootstrap_aurocs(scores, positives, n_boot=50, seed=7)
+    again = bootstrap_aurocs(scores, positives, n_boot=50, seed=7)
+    assert all(np.array_equal(reps[k], again[k]) for k in scores) and reps["a"].shape == (50,)
+    draw = np.random.default_rng(7).integers(0, 80, 80)   # the first resample, drawn by hand
+    for name, s in scores.items():
+        assert reps[name][0] == auroc(s[draw], positives[draw])
+    assert reps["a"].mean() > reps["b"].mean()
 
 
 def test_flip_labels_is_seeded_exact_and_always_wrong():
@@ -168,3 +202,22 @@ def test_training_is_seeded_and_embeddings_feed_the_last_layer():
     torch.testing.assert_close(models[0][-1](features), logits(models[0], images))
     with pytest.raises(ValueError):
         train_classifier(models[0], images, labels[:5], epochs=1, batch_size=16, lr=1e-3, seed=0)
+
+
+def test_out_of_fold_probabilities_come_from_models_that_never_saw_the_sample():
+    images = torch.randn(30, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(30) % 10
+    built = []
+
+    def build(fold):
+        built.append(mnist_cnn(seed=fold))
+        return built[-1]
+
+    probabilities = out_of_fold_probabilities(build, images, labels, folds=3, seed=0, epochs=1, batch_size=8, lr=1e-3)
+    assert probabilities.shape == (30, 10) and len(built) == 3
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(30))
+    held_out = torch.tensor_split(torch.randperm(30, generator=torch.Generator().manual_seed(0)), 3)
+    for model, rows in zip(built, held_out, strict=True):
+        torch.testing.assert_close(probabilities[rows], torch.softmax(model(images[rows]), 1))
+    with pytest.raises(ValueError):
+        out_of_fold_probabilities(build, images, labels, folds=1, seed=0, epochs=1, batch_size=8, lr=1e-3)

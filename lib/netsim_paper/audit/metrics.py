@@ -14,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -73,3 +76,61 @@ def precision_at_k(scores, positives, k: int) -> float:
     above, tied = scores > threshold, scores == threshold
     needed = k - int(above.sum())   # of the tied group, this many are flagged: a random subset of it
     return float((positives[above].sum() + needed * positives[tied].mean()) / k)
+
+
+def auroc_null_sd(n_positives: int, n_negatives: int) -> float:
+    """Standard deviation of the AUROC of a score unrelated to the labels (the Mann-Whitney null).
+
+    sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg)), the no-ties value: ties only lower it, so a
+    margin of a few of these over 0.5 is a conservative test that a score finds anything.
+    """
+    if n_positives < 1 or n_negatives < 1:
+        raise ValueError(f"need positives and negatives, got {n_positives} and {n_negatives}")
+    return math.sqrt((n_positives + n_negatives + 1) / (12.0 * n_positives * n_negatives))
+
+
+def bootstrap_aurocs(scores: Mapping[str, np.ndarray], positives, *, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """AUROCs of several scores on the same bootstrap resamples of the samples (paired).
+
+    Each resample draws N samples with replacement (seeded), the same for every score, so the
+    differences between two scores' replicates give a paired interval of their difference.
+
+    Args:
+        scores: name -> `(N,)` finite scores; positives: `(N,)` bool.
+        n_boot: resamples; seed: their seed.
+
+    Returns:
+        name -> `(n_boot,)` AUROC replicates (a resample without a positive or a negative is redrawn).
+    """
+    checked = {name: _check(s, positives) for name, s in scores.items()}
+    positives = np.asarray(positives)
+    rng = np.random.default_rng(seed)
+    out = {name: np.empty(n_boot) for name in checked}
+    b = 0
+    while b < n_boot:
+        rows = rng.integers(0, len(positives), len(positives))
+        if positives[rows].all() or not positives[rows].any():
+            continue
+        for name, (s, p) in checked.items():
+            out[name][b] = auroc(s[rows], p[rows])
+        b += 1
+    return out
+
+
+def roc_curve(scores, positives) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve: false- and true-positive rates when flagging every score >= t, for each distinct t.
+
+    Returns:
+        `(fpr, tpr)`, each `(T + 1,)` from (0, 0) to (1, 1); its trapezoid area is `auroc` (tied
+        scores join by a straight segment, the expectation over their order).
+    """
+    scores, positives = _check(scores, positives)
+    n_pos = int(positives.sum())
+    if n_pos == 0 or n_pos == len(positives):
+        raise ValueError("a ROC curve needs positives and negatives")
+    order = np.argsort(-scores, kind="stable")
+    ordered, hits = scores[order], positives[order]
+    last_of_each = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1]   # end of each run of ties
+    tp = np.cumsum(hits)[last_of_each]
+    fp = last_of_each + 1 - tp
+    return np.r_[0.0, fp / (len(positives) - n_pos)], np.r_[0.0, tp / n_pos]

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -78,3 +80,36 @@ def embeddings(model: nn.Sequential, images: Tensor) -> Tensor:
         raise TypeError(f"embeddings needs an nn.Sequential whose last module is the classifier, got "
                         f"{type(model).__name__}")
     return logits(model[:-1], images)
+
+
+def out_of_fold_probabilities(build: Callable[[int], nn.Module], images: Tensor, labels: Tensor, *, folds: int,
+                              seed: int, **training) -> Tensor:
+    """Each sample's class probabilities from a model that never trained on it (k-fold, seeded).
+
+    Confident learning (cleanlab) needs such out-of-sample probabilities: a model's probability
+    of a label it was trained on says little about whether the label is right.
+
+    Args:
+        build: `build(fold)` returns a fresh model for fold `fold` (0..folds-1).
+        images: `(N, ...)` inputs; labels: `(N,)` int64 (possibly noisy) labels.
+        folds: number of folds (>= 2); the samples are split by a seeded permutation.
+        seed: seed of the split; fold f trains with seed `seed + 1 + f`.
+        **training: `epochs`, `batch_size`, `lr` of `train_classifier`.
+
+    Returns:
+        `(N, C)` softmax probabilities.
+    """
+    if folds < 2 or folds > len(labels):
+        raise ValueError(f"folds must lie in [2, {len(labels)}], got {folds}")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    probabilities = None
+    for fold, held_out in enumerate(torch.tensor_split(order, folds)):
+        kept = torch.ones(len(labels), dtype=torch.bool)
+        kept[held_out] = False
+        model = build(fold)
+        train_classifier(model, images[kept], labels[kept], seed=seed + 1 + fold, **training)
+        fold_probabilities = torch.softmax(logits(model, images[held_out]), dim=1)
+        if probabilities is None:
+            probabilities = torch.empty(len(labels), fold_probabilities.shape[1])
+        probabilities[held_out] = fold_probabilities
+    return probabilities

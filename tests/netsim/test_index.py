@@ -1,0 +1,332 @@
+"""SimilarityIndex: an exact index equals the streamed kernels on every supported layer type (both engines, every
+kind), data forms, resumption after a killed build, fingerprint refusal, corrupt shards, sketches and their
+calibrated error, and a build sharded over processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import netsim
+from conftest import SmallCNN, TinyResNet, TinyTransformer, mlp, token_batch
+from netsim.outputs import class_vs_rest
+
+KINDS = ("inner", "influence", "correlation")   # correlation last: the checks after the kinds' loop use it
+
+
+class NormsNet(nn.Module):
+    """Conv1d -> GroupNorm -> flatten -> LayerNorm -> Linear: the remaining layer rules."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x):
+        return self.head(self.ln(torch.tanh(self.gn(self.conv(x))).flatten(1)))
+
+
+class Recurrent(nn.Module):
+    """An LSTM: no layer-wise rule, the Jacobian engine only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.lstm = nn.LSTM(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "mlp": (mlp(d_in=3, hidden=24, d_out=2, dtype=torch.float64), torch.randn(40, 3, generator=g).double()),
+        "cnn_batchnorm": (SmallCNN().double().eval(), torch.randn(40, 1, 8, 8, generator=g).double()),
+        "resnet": (TinyResNet().double().eval(), torch.randn(40, 1, 6, 6, generator=g).double()),
+        "conv1d_norms": (NormsNet().double(), torch.randn(40, 2, 8, generator=g).double()),
+        "transformer": (TinyTransformer().double().eval(), token_batch(40)),
+        "lstm": (Recurrent(), torch.randn(40, 4, 3, generator=g)),   # float32: vmap over a float64 LSTM fails in torch
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("method", ["layerwise", "jacobian"])
+def test_exact_index_equals_streamed_kernels(tmp_path, name, method):
+    model, xs = CASES[name]
+    if name == "lstm" and method == "layerwise":
+        pytest.skip("no layer-wise rule for LSTM (auto uses the Jacobian engine)")
+    tol = dict(rtol=1e-9, atol=1e-10) if next(model.parameters()).dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16, method=method)
+    assert len(index) == 40 and len(index.manifest["shards"]) == 3 and index.manifest["sketch_plan"] is None
+    queries = xs[:7]
+    for kind in KINDS if name in ("mlp", "cnn_batchnorm") else ("correlation",):
+        full = netsim.similarity(model, xs, kind=kind, method="jacobian")     # the reference, all pairs
+        torch.testing.assert_close(index.similarity(queries, kind=kind), full[:7], **tol)
+    values, indices = index.query(queries, k=5)
+    torch.testing.assert_close(values, full[:7].topk(5, 1).values, **tol)
+    torch.testing.assert_close(full[:7].gather(1, indices), values, **tol)
+    off_self = full.clone().fill_diagonal_(-torch.inf)
+    values, indices = index.neighbours(k=3)
+    torch.testing.assert_close(values, off_self.topk(3, 1).values, **tol)
+    assert not (indices == torch.arange(40)[:, None]).any()
+    torch.testing.assert_close(index.soft_density(), full.sum(1), **tol)
+    torch.testing.assert_close(index.soft_density(queries), full[:7].sum(1), **tol)
+    parts = index.explain(3, 11)
+    by_module = netsim.similarity_by_module(model, xs[[3]], xs[[11]], method="jacobian")
+    assert list(parts) == list(by_module)
+    for module, value in parts.items():
+        assert value == pytest.approx(float(by_module[module]), abs=tol["atol"])
+    assert sum(parts.values()) == pytest.approx(float(full[3, 11]), abs=tol["atol"])
+
+
+def test_influence_neighbours_are_asymmetric_rows(tmp_path):
+    model, xs = CASES["mlp"]
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16)
+    full = netsim.similarity(model, xs, kind="influence").fill_diagonal_(-torch.inf)
+    torch.testing.assert_close(index.neighbours(k=4, kind="influence")[0], full.topk(4, 1).values)
+
+
+def test_data_forms_and_targets(tmp_path):
+    """A DataLoader of (x, y) batches with a class-vs-rest output equals the tensor with targets=; the index
+    answers queries with their own targets."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    xs, ys = torch.randn(50, 5, dtype=torch.float64), torch.randint(0, 4, (50,))
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=7)
+    a = netsim.SimilarityIndex.build(model, loader, tmp_path / "a", output_fn=class_vs_rest, shard_size=20)
+    b = netsim.SimilarityIndex.build(model, xs, tmp_path / "b", targets=ys, output_fn=class_vs_rest, shard_size=20)
+    expected = netsim.similarity(model, xs[:6], xs, output_fn=class_vs_rest, x_targets=ys[:6], y_targets=ys)
+    for index in (a, b):
+        torch.testing.assert_close(index.similarity(xs[:6], targets=ys[:6]), expected)
+        torch.testing.assert_close(index.soft_density(),
+                                   netsim.soft_density(model, xs, output_fn=class_vs_rest, targets=ys))
+
+
+def test_dict_batches_use_the_jacobian_engine(tmp_path):
+    model = TinyTransformer().double().eval()
+    tokens, mask = token_batch(12, padded=True)
+    batches = [{"tokens": tokens[i:i + 5], "padding_mask": mask[i:i + 5]} for i in range(0, 12, 5)]
+    index = netsim.SimilarityIndex.build(model, batches, tmp_path / "i", shard_size=8)
+    assert index.manifest["engine"] == "jacobian"
+    torch.testing.assert_close(index.similarity(batches[:1]), netsim.similarity(model, batches[:1], batches))
+
+
+def test_params_selection(tmp_path):
+    model, xs = CASES["cnn_batchnorm"]
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", params=["head.*"])
+    torch.testing.assert_close(index.similarity(xs[:4]), netsim.similarity(model, xs[:4], xs, params=["head.*"]))
+    assert list(index.explain(0, 1)) == ["head"]
+    with pytest.raises(ValueError, match="does not match"):
+        netsim.SimilarityIndex.open(tmp_path / "i", model)           # the selection is part of the index
+
+
+def test_reopen_and_fingerprint_refusal(tmp_path):
+    model, xs = CASES["mlp"]
+    built = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16)
+    again = netsim.SimilarityIndex.open(tmp_path / "i", model)
+    torch.testing.assert_close(again.similarity(xs[:3]), built.similarity(xs[:3]))
+    manifest = again.manifest
+    assert manifest["count"] == 40 and manifest["complete"] and manifest["versions"]["torch"] == torch.__version__
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 16), (16, 32), (32, 40)]
+    other = mlp(d_in=3, hidden=24, d_out=2, dtype=torch.float64)
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1e-12                    # the smallest change of a value is another model
+    with pytest.raises(ValueError, match="parameters or buffers differ"):
+        netsim.SimilarityIndex.open(tmp_path / "i", other)
+    with pytest.raises(FileExistsError, match="other settings"):
+        netsim.SimilarityIndex.build(other, xs, tmp_path / "i")      # never overwritten
+    with pytest.raises(ValueError, match="output_fn"):
+        netsim.SimilarityIndex.open(tmp_path / "i", model, output_fn=netsim.outputs.neg_log_softmax)
+    assert (tmp_path / "i" / "shard_00000").exists()
+    with pytest.raises(FileNotFoundError, match="no SimilarityIndex"):
+        netsim.SimilarityIndex.open(tmp_path / "nothing", model)
+
+
+def test_corrupt_shard_is_detected(tmp_path):
+    model, xs = CASES["mlp"]
+    netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16)
+    file = next((tmp_path / "i" / "shard_00001").glob("*.npy"))
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+    index = netsim.SimilarityIndex.open(tmp_path / "i", model)
+    with pytest.raises(netsim.CorruptIndexError, match="shard_00001"):
+        index.query(xs[:2])
+    with pytest.raises(netsim.CorruptIndexError):
+        index.verify()
+    file.unlink()
+    with pytest.raises(netsim.CorruptIndexError, match="missing"):
+        netsim.SimilarityIndex.open(tmp_path / "i", model).soft_density()
+
+
+_KILLED_BUILD = textwrap.dedent("""
+    import sys, time, torch, netsim
+    from torch.utils.data import Dataset
+    sys.path.insert(0, {tests!r})
+    from conftest import mlp
+
+    class Slow(Dataset):   # slow after the first shards, so the parent can kill the build part-way
+        def __init__(self, xs): self.xs = xs
+        def __len__(self): return len(self.xs)
+        def __getitem__(self, i):
+            if i >= 32: time.sleep(0.05)
+            return self.xs[i]
+
+    xs = torch.randn(80, 3, generator=torch.Generator().manual_seed(0)).double()
+    netsim.SimilarityIndex.build(mlp(d_in=3, hidden=24, d_out=2, dtype=torch.float64), Slow(xs), {path!r},
+                                 shard_size=16, chunk_size=4)
+""")
+
+
+def test_killed_build_resumes_at_the_first_incomplete_shard(tmp_path):
+    path = tmp_path / "i"
+    script = _KILLED_BUILD.format(tests=str(Path(__file__).parents[1]), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (path / "shard_00001" / "meta.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert not manifest["complete"] and 2 <= len(manifest["shards"]) < 5
+    kept = {s["index"]: (path / f"shard_{s['index']:05d}" / "meta.json").stat().st_mtime_ns
+            for s in manifest["shards"]}
+
+    model = mlp(d_in=3, hidden=24, d_out=2, dtype=torch.float64)
+    xs = torch.randn(80, 3, generator=torch.Generator().manual_seed(0)).double()
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    index = netsim.SimilarityIndex.build(model, xs, path, shard_size=16, chunk_size=4)
+    handle.remove()
+    assert len(index) == 80 and index.manifest["complete"]
+    # the completed shards were kept, not recomputed: the model saw the remaining samples only (plus probes)
+    for s, mtime in kept.items():
+        assert (path / f"shard_{s:05d}" / "meta.json").stat().st_mtime_ns == mtime
+    assert sum(seen) < 80
+    assert not list(path.glob(".*.tmp"))
+    torch.testing.assert_close(index.similarity(xs[:5]), netsim.similarity(model, xs[:5], xs))
+
+
+def test_sketch_is_seeded_bounded_and_calibrated(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double()
+    xs = torch.randn(400, 20, dtype=torch.float64)
+    a = netsim.SimilarityIndex.build(model, xs, tmp_path / "a", sketch=48, seed=1)
+    b = netsim.SimilarityIndex.build(model, xs, tmp_path / "b", sketch=48, seed=1)
+    c = netsim.SimilarityIndex.build(model, xs, tmp_path / "c", sketch=48, seed=2)
+    assert a.manifest["values_per_sample"] <= 48 + len(a.manifest["layout"])
+    assert any(e["kind"] != "exact" for e in a.manifest["sketch_plan"]["entries"])
+    sa, sb, sc = (i.similarity(xs[:50]) for i in (a, b, c))
+    torch.testing.assert_close(sa, sb, rtol=0, atol=0)                  # seeded
+    assert not torch.equal(sa, sc)
+    exact = netsim.similarity(model, xs[:50], xs)
+    assert (sa.abs() <= 1).all()
+    assert sa[torch.arange(50), torch.arange(50)].sub(1).abs().max() < 1e-12   # its own normalisation
+    report = a.calibrate(xs, n_pairs=3000, seed=0)
+    assert report == json.loads((tmp_path / "a" / "manifest.json").read_text())["calibration"]
+    assert 0 < report["median_abs_err"] < report["p99_abs_err"] < 0.5
+    # the measured error bar holds on other pairs: about 1% of them beyond the p99
+    beyond = ((sa - exact).abs() > report["p99_abs_err"]).double().mean()
+    assert beyond < 0.05
+    # and the sketch keeps most neighbours
+    top_exact, top_sketch = exact.topk(10, 1).indices, a.query(xs[:50], k=10)[1]
+    recall = sum(len(set(r.tolist()) & set(s.tolist())) for r, s in zip(top_exact, top_sketch)) / 500
+    assert recall > 0.5
+
+
+def test_sketch_is_unbiased_for_linear_and_dense_entries():
+    """Averaged over seeds, sketched kernels converge to the exact gram (Kronecker and count sketches)."""
+    from netsim import layerwise
+    from netsim.sketch import Sketch, plan_sketch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(18, 30), nn.Tanh(), nn.Linear(30, 2)).double()
+    xs = torch.randn(6, 1, 8, dtype=torch.float64)
+    rep = layerwise.factorise(model, xs)
+    exact = layerwise.gram(rep, rep, trace=False)
+    kinds = {e["kind"] for e in plan_sketch(rep, 12, 0)["entries"]}
+    assert {"count", "kronecker"} <= kinds
+    total = torch.zeros_like(exact)
+    seeds = 100
+    for seed in range(seeds):
+        s = Sketch(plan_sketch(rep, 12, seed)).apply(rep)
+        total += layerwise.gram(s, s, trace=False)
+    scale = exact.abs().max()
+    assert ((total / seeds - exact).abs().max() / scale) < 0.2    # measured 0.13 at 50 seeds, 0.07 at 200
+
+
+@pytest.mark.parametrize("bad, error", [(dict(sketch=0), ValueError), (dict(sketch=2.5), ValueError),
+                                        (dict(shard_size=0), ValueError), (dict(method="fast"), ValueError),
+                                        (dict(on_zero="ignore"), ValueError)])
+def test_bad_arguments_are_refused_before_any_write(tmp_path, bad, error):
+    model, xs = CASES["mlp"]
+    with pytest.raises(error):
+        netsim.SimilarityIndex.build(model, xs, tmp_path / "i", **bad)
+    assert not (tmp_path / "i").exists()
+
+
+def test_path_that_is_a_file_and_incomplete_open(tmp_path):
+    model, xs = CASES["mlp"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError):
+        netsim.SimilarityIndex.build(model, xs, tmp_path / "f")
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16)
+    manifest = dict(index.manifest, complete=False)
+    (tmp_path / "i" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="incomplete"):
+        netsim.SimilarityIndex.open(tmp_path / "i", model)
+    with pytest.raises(ValueError, match="k must be"):
+        index.query(xs[:1], k=0)
+    with pytest.raises(IndexError):
+        index.explain(0, 40)
+
+
+def test_zero_gradients_are_refused_at_build(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)           # every ReLU off: zero gradients w.r.t. the first layer and...
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    model[2].requires_grad_(False)
+    with pytest.raises(netsim.ZeroGradientError):
+        netsim.SimilarityIndex.build(model, torch.randn(5, 2, dtype=torch.float64), tmp_path / "i")
+
+
+def _build_worker(rank, world, port, path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, xs = _cases()["mlp"]
+        netsim.SimilarityIndex.build(model, xs, path, shard_size=8, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_build_sharded_over_processes_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_build_worker, args=(2, _free_port(), str(tmp_path / "i")), nprocs=2, start_method="spawn")
+    model, xs = CASES["mlp"]
+    index = netsim.SimilarityIndex.open(tmp_path / "i", model)
+    assert len(index) == 40 and len(index.manifest["shards"]) == 5
+    torch.testing.assert_close(index.similarity(xs), netsim.similarity(model, xs, xs))

@@ -1,8 +1,9 @@
 """How well a suspicion score finds the positives (flipped labels, misclassified images).
 
-Scores are "higher = more suspicious". Both metrics treat tied scores as a random order among
-themselves and return its expectation, so a coarse score (e.g. a fraction of 10 neighbours)
-is neither favoured nor penalised by how ties happen to be broken.
+Scores are "higher = more suspicious". `auroc`, `precision_at_k` and `roc_curve` treat tied
+scores as a random order among themselves and return its expectation, so a coarse score (e.g. a
+fraction of 10 neighbours) is neither favoured nor penalised by how ties happen to be broken.
+`auroc_null_sd` is the chance spread of an AUROC, `bootstrap_aurocs` paired resampled intervals.
 
 Example:
     >>> import numpy as np

@@ -23,6 +23,18 @@ Models (`MODELS`):
   the default zero head makes every gradient but the head's exactly zero (an untrained
   stage's output is 0 whatever its input), which would benchmark a degenerate kernel. Each
   convolution is followed by GroupNorm and ReLU(inplace=True), as in the training.
+- "transformer": `TextTransformer` below, a text classifier (Embedding(1000, 64), two
+  `nn.TransformerEncoderLayer(64, 4 heads, feed-forward 128, batch_first, dropout 0)`, mean
+  pooling over the tokens, Linear(64 -> 4)), 131,204 parameters, inputs `(N, 32)` integer
+  tokens uniform over the vocabulary, random labels, `class_vs_rest`, epoch loss
+  cross-entropy.
+- "resnet": `ResNet8` below, a CIFAR-style ResNet (a stem and three basic blocks of widths 16,
+  32, 64 with 3 x 3 convolutions, BatchNorm after every convolution, 1 x 1 projection
+  shortcuts, global average pooling, Linear(64 -> 10)), 78,042 parameters, inputs
+  `(N, 3, 32, 32)` standard normal, like cnn1m. Its BatchNorm layers carry running statistics
+  from a calibration pass (512 seeded inputs, cumulative average), and the kernels are those of
+  the model in eval mode; the epoch runs in training mode (batch statistics), as a training
+  epoch does.
 
 Inputs are synthetic (seeded): the timings do not depend on the values, only on the shapes
 (and, for ReLU networks, hardly on the activation pattern).
@@ -92,6 +104,8 @@ class Bench:
         loss_targets: what the epoch loss compares the raw output with.
         loss: `loss(raw_output, loss_targets) -> scalar`, the plain training loss.
         d: outputs per sample after `output_fn` (the kernels' d).
+        train_epoch: whether the epoch runs in training mode (the BatchNorm model: batch
+            statistics, as in training; its running statistics are restored afterwards).
     """
 
     name: str
@@ -102,10 +116,11 @@ class Bench:
     loss_targets: Tensor
     loss: Callable[[Tensor, Tensor], Tensor]
     d: int = 1
+    train_epoch: bool = False
 
     def subset(self, n: int) -> Bench:
         return Bench(self.name, self.model, self.inputs[:n], None if self.targets is None else self.targets[:n],
-                     self.output_fn, self.loss_targets[:n], self.loss, self.d)
+                     self.output_fn, self.loss_targets[:n], self.loss, self.d, self.train_epoch)
 
     @property
     def n(self) -> int:
@@ -130,6 +145,99 @@ def _classifier(name: str, model: nn.Module, shape: tuple[int, ...], n: int, see
     x = torch.randn((n, *shape), generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
     return Bench(name, model.eval(), x, labels, class_vs_rest, labels, nn.functional.cross_entropy)
+
+
+class TextTransformer(nn.Module):
+    """A small text classifier: `(B, T)` integer tokens -> `(B, classes)` logits.
+
+    Embedding(vocab, width) -> two `nn.TransformerEncoderLayer(width, heads, ffn, batch_first,
+    dropout 0)` -> mean over the tokens -> Linear(width, classes). Dropout 0: train and eval
+    modes compute the same function (the epoch and the kernels see one model).
+    """
+
+    def __init__(self, vocab: int = 1000, width: int = 64, heads: int = 4, ffn: int = 128, classes: int = 4,
+                 seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(vocab, width)
+            layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=ffn, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+            self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut (identity, or a strided 1 x 1 conv and BN
+    where the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """A CIFAR-style ResNet for `(B, 3, 32, 32)` inputs: conv3x3(3 -> 16)-BN-ReLU, basic blocks
+    16 -> 16, 16 -> 32 (stride 2), 32 -> 64 (stride 2), global average pooling, Linear(64 ->
+    classes). Built in eval mode with running statistics from `calibrate` (seeded)."""
+
+    def __init__(self, classes: int = 10, seed: int = 0, calibration: int = 512):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            self.blocks = nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2))
+            self.head = nn.Linear(64, classes)
+            self.calibrate(torch.randn(calibration, 3, 32, 32))
+        self.eval()
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor, batch: int = 128) -> None:
+        """Running statistics of every BatchNorm as the cumulative average over the batches of
+        `x` (training-mode forwards, no gradient), as a trained network would carry."""
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        self.train()
+        for start in range(0, x.shape[0], batch):
+            self(x[start:start + batch])
+        for m in norms:
+            m.momentum = 0.1
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+#: Tokens per text sample and classes of the transformer bench.
+TEXT_LENGTH, TEXT_CLASSES = 32, 4
+
+
+def _transformer(n: int, seed: int) -> Bench:
+    g = torch.Generator().manual_seed(seed)
+    model = TextTransformer(classes=TEXT_CLASSES).eval()
+    tokens = torch.randint(0, model.embed.num_embeddings, (n, TEXT_LENGTH), generator=g)
+    labels = torch.randint(0, TEXT_CLASSES, (n,), generator=g)
+    return Bench("transformer", model, tokens, labels, class_vs_rest, labels, nn.functional.cross_entropy)
+
+
+def _resnet(n: int, seed: int) -> Bench:
+    b = _classifier("resnet", ResNet8(), (3, 32, 32), n, seed)
+    b.train_epoch = True
+    return b
 
 
 class PackedRegistration(nn.Module):
@@ -188,6 +296,8 @@ MODELS: dict[str, Callable[[int, int], Bench] | None] = {
     "mnist_cnn": lambda n, seed: _classifier("mnist_cnn", mnist_cnn(0), (1, 28, 28), n, seed),
     "cnn1m": lambda n, seed: _classifier("cnn1m", cnn_1m(0), (3, 32, 32), n, seed),
     "registration": _registration,
+    "transformer": _transformer,
+    "resnet": _resnet,
 }
 
 DESCRIPTIONS = {
@@ -197,6 +307,11 @@ DESCRIPTIONS = {
     "registration": "registration U-Net (the paper profile's coarse stage: RegistrationNet(cap=8, "
                     "channels=(16, 32, 64), norm='group', zero_init=False), 314k params, "
                     "(image, raster) 64x64 patches packed as (N, 6, 64, 64), mean displacement, d=2, trace)",
+    "transformer": "text transformer (bench/models.py TextTransformer: Embedding(1000, 64), 2 x "
+                   "TransformerEncoderLayer(64, 4 heads, ffn 128, batch_first), mean pooling, Linear(64, 4); "
+                   "131k params, eval mode, input (N, 32) tokens, class_vs_rest, d=1)",
+    "resnet": "ResNet-8 with BatchNorm (bench/models.py ResNet8: widths 16/32/64, 78k params, eval mode with "
+              "calibrated running statistics, input (N, 3, 32, 32), class_vs_rest, d=1; epoch in training mode)",
 }
 
 
@@ -220,14 +335,25 @@ def make_bench(name: str, n: int, seed: int = 0) -> Bench:
 
 def epoch(b: Bench, batch: int = EPOCH_BATCH) -> None:
     """The training-epoch reference: forward + backward of the plain loss, batches of `batch`
-    over the N samples. No optimizer step (Adam is excluded)."""
+    over the N samples. No optimizer step (Adam is excluded). With `b.train_epoch`, in training
+    mode (BatchNorm on batch statistics); the model's mode and buffers are restored after."""
     model = b.model
-    for start in range(0, b.n, batch):
-        out = model(b.inputs[start:start + batch])
-        loss = b.loss(out, b.loss_targets[start:start + batch])
+    saved = {k: v.clone() for k, v in model.named_buffers()} if b.train_epoch else {}
+    was_training = model.training
+    model.train(b.train_epoch or was_training)
+    try:
+        for start in range(0, b.n, batch):
+            out = model(b.inputs[start:start + batch])
+            loss = b.loss(out, b.loss_targets[start:start + batch])
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+    finally:
         model.zero_grad(set_to_none=True)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in saved:
+                    v.copy_(saved[k])
 
 
 def naive_grads(b: Bench) -> Tensor:

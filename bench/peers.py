@@ -9,8 +9,9 @@ Methods (`PEERS`), each given the benchmark's model, inputs and `output_fn` as t
   output per batch and output row (a fresh forward per output row: BackPACK frees what it
   stored after one backward) -> `p.grad_batch` -> G `(N, d, p)`.
 - "opacus": Opacus `GradSampleModule(model, loss_reduction="sum")` (model in train mode:
-  Opacus records activations only in training mode; the benchmark models have no
-  dropout / normalisation, so train and eval agree), same loop -> `p.grad_sample` -> G.
+  Opacus records activations only in training mode; the models it accepts have no dropout
+  or BatchNorm, so train and eval agree: it refuses BatchNorm), same loop -> `p.grad_sample`
+  -> G.
 - "nngeometry": nngeometry `Jacobian(model, loader, function)` (a `PFMapDense`, `(d, N, p)`)
   -> G.
 - "nngeometry_gram": nngeometry `GramMatrix(model, loader, function)` (an `FMatDense`,
@@ -276,24 +277,43 @@ def prepare(method: str, b: M.Bench) -> Prepared:
     """Sets the peer up for `b.model` and tries it on 2 samples.
 
     Raises:
-        PeerUnsupported: the peer cannot handle the model (or its result is incomplete).
+        PeerUnsupported: the peer cannot handle the model: its result is incomplete, or it
+            fails on the 2 samples (any error but the in-place one handled here).
     """
     import warnings
     factory = _FACTORIES[method]
     mode = captum_mode(b.model) if method == "captum" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BackPACK / Captum warn about inputs not requiring grad
-        run = factory(b.model)
         try:
+            run = factory(b.model)
             run(b.subset(min(2, b.n)))
             return Prepared(method, run, mode=mode)
+        except PeerUnsupported:
+            raise
         except Exception as err:  # noqa: BLE001
             if not _is_inplace_error(err):
-                raise
-            first = str(err).strip().splitlines()[0][:160]
+                raise _unsupported(method, err) from err
+            first = _first_line(err)
         run = factory(without_inplace(b.model))
         run(b.subset(min(2, b.n)))
         return Prepared(method, run, variant="copy with ReLU(inplace=False)", as_given_error=first, mode=mode)
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of the error's message; of the first one where the error holds a list of
+    errors (Opacus's validation raises one per offending module)."""
+    many = err.args[0] if err.args and isinstance(err.args[0], list) and err.args[0] else [err]
+    first = (str(many[0]).strip().splitlines() or [""])[0][:limit]
+    return first + (f" (and {len(many) - 1} more)" if len(many) > 1 else "")
+
+
+def _unsupported(method: str, err: BaseException) -> PeerUnsupported:
+    """The peer failed on 2 samples of the model as given: it cannot handle the model (e.g.
+    Opacus refuses BatchNorm, and its generic per-module fallback replays
+    `nn.MultiheadAttention` on one input where it takes query, key and value). The reason keeps
+    the peer's own error."""
+    return PeerUnsupported(f"{PEERS[method].label} fails on the model: {type(err).__name__}: {_first_line(err)}")
 
 
 def quiet(fn: Callable):

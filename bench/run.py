@@ -8,7 +8,8 @@ What is measured (see bench/README.md for the full protocol):
 - epoch: forward + backward of the plain training loss in batches of 128 over the same N
   samples (`bench.models.epoch`; no optimizer step: Adam is NOT included).
 - per_sample_grads / soft_density / similarity (k^C, trace, N x N) with netsim's two engines
-  (method="layerwise", method="jacobian") and two baselines run in the same session: the naive
+  (method="layerwise", method="jacobian"; soft_density and similarity also with method="auto",
+  the faster one as measured by the library) and two baselines run in the same session: the naive
   per-sample backward loop (the authors' method) and plain torch.func vmap(grad); the
   baselines materialise G (N x d x p) and then normalise, sum, dot / G G^T.
 - the peers of bench/peers.py when the optional `bench` extra is installed (BackPACK, Opacus,

@@ -178,7 +178,7 @@ class Sweep:
 
         res["soft_density_profile"] = {}
         prof_n = min(4096 if not quick else 1024, max(sizes))
-        for model in [m for m in ("mnist_cnn", "cnn1m", "mlp") if m in avail]:
+        for model in [m for m in ("mnist_cnn", "cnn1m", "mlp", "transformer", "resnet") if m in avail]:
             if self.spend_ok():
                 res["soft_density_profile"][model] = self.spawn(model, prof_n, "profile:soft", cap=1e9)
 

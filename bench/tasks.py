@@ -1,7 +1,8 @@
 """One measurement, in a fresh process: `child_measure(model, n, task)`.
 
 A task is "epoch" (the reference), one of our engines ("grads:", "soft:", "sim:" followed by
-"layerwise" or "jacobian"), a baseline that builds G ("naive", "vmap"), a peer ("peer:<name>",
+"layerwise" or "jacobian"; "soft:auto", "sim:auto": the engine `method="auto"` picks by timing
+both, its row names the pick), a baseline that builds G ("naive", "vmap"), a peer ("peer:<name>",
 `bench/peers.py`), or one of the one-off measurements of `extras` ("gemm", "memory",
 "gram_layers", "profile:soft"). Every timed task is warmed up on a few samples (untimed), then
 projected from a timed probe: a projection over the cap skips it instead of running it.
@@ -18,11 +19,11 @@ import baselines
 import extras
 import models as M
 import peers as P
-from flops import GramMeter, similarity_plan
+from flops import GramMeter, bench_engine, similarity_plan
 from timing import WARMUP, maxrss_mb, probe_seconds, repeat, result_row, rss_mb
 
-TASKS = ("epoch", "grads:jacobian", "grads:layerwise", "soft:layerwise", "soft:jacobian",
-         "sim:layerwise", "sim:jacobian", "naive", "vmap", *(f"peer:{m}" for m in P.PEERS))
+TASKS = ("epoch", "grads:jacobian", "grads:layerwise", "soft:layerwise", "soft:jacobian", "soft:auto",
+         "sim:layerwise", "sim:jacobian", "sim:auto", "naive", "vmap", *(f"peer:{m}" for m in P.PEERS))
 TASK_NAMES = baselines.DENSE_TASKS
 PROBE = 64            # samples of the timed probe used for projections
 GRAM_EFF = 0.5        # assumed gram efficiency vs torch.mm in the similarity projections
@@ -110,6 +111,8 @@ def ours_task(b, kind: str, method: str, rate: float):
             meter.reset()
         cpu, wall = repeat(lambda: fn(b), reps, rep_budget)
         extra["peak_extra_mb"] = max(0.0, maxrss_mb() - rss0)
+        if method == "auto":  # the choice made in the warm-up, cached per model structure
+            extra["variant"] = f"picked {bench_engine(b, 'auto').name}"
         if meter and meter.calls:
             extra.update(gram_seconds=meter.seconds / len(cpu), gram_flops=meter.flops / len(cpu))
             extra["gram_gflops"] = extra["gram_flops"] / max(extra["gram_seconds"], 1e-9) / 1e9

@@ -111,7 +111,34 @@ def test_registration_runs_on_the_layerwise_engine(monkeypatch):
 
 def test_model_sizes():
     sizes = {name: sum(p.numel() for p in M.make_bench(name, 2).model.parameters()) for name in M.available_models()}
-    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 313_954}
+    assert sizes == {"mlp": 21_057, "mnist_cnn": 317_069, "cnn1m": 1_295_050, "registration": 313_954,
+                     "transformer": 131_204, "resnet": 78_042}
+
+
+def test_transformer_bench_is_a_two_layer_text_classifier_in_eval_mode():
+    b = M.make_bench("transformer", 3)
+    layers = [m for m in b.model.modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    assert len(layers) == 2 and all(m.self_attn.batch_first for m in layers) and not b.model.training
+    assert b.inputs.shape == (3, M.TEXT_LENGTH) and b.inputs.dtype == torch.long
+    assert b.outputs(b.inputs, b.targets).shape == (3, 1)
+
+
+def test_resnet_bench_has_calibrated_batchnorm_and_a_training_mode_epoch():
+    """The kernels see the eval-mode ResNet (running statistics from the calibration pass, not
+    the initial 0 / 1); its epoch runs in training mode and leaves mode and statistics as they were."""
+    b = M.make_bench("resnet", 130)
+    norms = [m for m in b.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 9 and not b.model.training and b.train_epoch
+    assert all(m.running_var.sub(1).abs().max() > 1e-2 for m in norms)
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    seen = []
+    hook = norms[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    M.epoch(b)  # 2 batches
+    hook.remove()
+    assert seen == [True, True] and not b.model.training
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in b.model.parameters())
 
 
 def test_per_sample_grads_paths_match_reference(case):
@@ -190,9 +217,16 @@ def test_similarity_plan_counts_the_executed_gram_flops_for_d_2(monkeypatch):
 # --------------------------------------------------------------------------- peers
 # Skipped where the optional `bench` extra is not installed (CI, the default .venv).
 
-PEER_CASES = [(m, model) for m in P.PEERS for model in ("mlp", "mnist_cnn", "cnn1m", "registration")]
-#: (peer, model) pairs the peer cannot handle exactly: PReLU has no BackPACK / nngeometry rule.
-UNSUPPORTED = {("backpack", "mnist_cnn"), ("nngeometry", "mnist_cnn"), ("nngeometry_gram", "mnist_cnn")}
+PEER_CASES = [(m, model) for m in P.PEERS
+              for model in ("mlp", "mnist_cnn", "cnn1m", "registration", "transformer", "resnet")]
+#: (peer, model) pairs the peer cannot handle, and what its reason names: PReLU has no BackPACK /
+#: nngeometry rule; BackPACK has none for GroupNorm, LayerNorm and attention, nngeometry none for Embedding;
+#: Opacus refuses BatchNorm and cannot replay nn.MultiheadAttention (query, key, value).
+UNSUPPORTED = {("backpack", "mnist_cnn"): "PReLU", ("nngeometry", "mnist_cnn"): "PReLU",
+               ("nngeometry_gram", "mnist_cnn"): "PReLU", ("backpack", "transformer"): "LayerNorm, MultiheadAttention",
+               ("opacus", "transformer"): "MultiheadAttention", ("nngeometry", "transformer"): "Embedding",
+               ("nngeometry_gram", "transformer"): "Embedding", ("opacus", "resnet"): "BatchNorm2d",
+               ("backpack", "registration"): "GroupNorm"}
 N_PEER = 6
 
 
@@ -223,7 +257,7 @@ def test_peer_equals_the_reference(method, model, peer_reference):
         pytest.skip(f"{P.PEERS[method].dist} not installed (optional extra `bench`)")
     b, (G, K, _) = peer_reference(model)
     if (method, model) in UNSUPPORTED:
-        with pytest.raises(P.PeerUnsupported, match="PReLU"):
+        with pytest.raises(P.PeerUnsupported, match=UNSUPPORTED[(method, model)]):
             P.prepare(method, b)
         return
     prepared = P.prepare(method, b)
@@ -237,7 +271,9 @@ def test_peer_equals_the_reference(method, model, peer_reference):
     else:
         _close(M.correlation_from_gram(out), K, 1e-3)
     if method == "captum":
-        assert prepared.mode == ("per-example" if model == "mnist_cnn" else "sample-wise trick")
+        # PReLU, GroupNorm, LayerNorm, Embedding, BatchNorm: beyond Captum's Linear / Conv2d sample-wise trick
+        per_example = model not in ("mlp", "cnn1m")
+        assert prepared.mode == ("per-example" if per_example else "sample-wise trick")
 
 
 @pytest.mark.slow
@@ -458,3 +494,31 @@ def test_merge_results_keeps_old_rows_and_lets_new_ones_win():
     assert out["gemm_efficiency"]["n"] == 4096 and out["gemm"]["gflops"] == 100.0
     new["gemm_efficiency"]["n"] = 8192
     assert records.merge_results(old, new)["gemm_efficiency"]["n"] == 8192
+
+
+def test_goals_read_auto_first_and_race_the_transformer_engines():
+    """Soft density: the `auto` row (what a user gets) where measured, else the layer-wise one;
+    the transformer's similarity at N = 1024 against 10x epoch, and layer-wise vs Jacobian."""
+    def row(model, n, task, method, x, status="ok", **extra):
+        return {"model": model, "n": n, "task": task, "method": method, "status": status, "seconds": x,
+                "x_epoch": x, **extra}
+    res = {"mode": "full", "models": {"mlp": {"available": True}, "transformer": {"available": True}},
+           "results": [row("mlp", 1024, "soft_density", "layerwise", 2.0),
+                       row("mlp", 4096, "soft_density", "layerwise", 2.5),
+                       row("transformer", 4096, "soft_density", "layerwise", 2.0),
+                       row("transformer", 4096, "soft_density", "auto", 3.5, variant="picked jacobian"),
+                       row("transformer", 1024, "similarity", "layerwise", 8.0),
+                       row("transformer", 1024, "similarity", "jacobian", 12.0),
+                       row("transformer", 1024, "similarity", "auto", 8.5, variant="picked layerwise")]}
+    goals = {g["goal"]: g for g in records.evaluate_goals(res)}
+    mlp, tr = goals["soft_density <= 3x epoch (mlp)"], goals["soft_density <= 3x epoch (transformer)"]
+    assert (mlp["measured"], mlp["n"], mlp["met"]) == (2.5, 4096, True) and "auto not measured" in mlp["note"]
+    assert (tr["measured"], tr["met"]) == (3.5, False) and "picked jacobian" in tr["note"]
+    sim = goals["similarity (N x N) of the transformer at N=1024 <= 10x epoch"]
+    assert (sim["measured"], sim["met"]) == (8.5, True)
+    race = goals["transformer similarity at N=1024: layer-wise / Jacobian time < 1 (layer-wise faster)"]
+    assert race["measured"] == pytest.approx(8.0 / 12.0) and race["met"]
+    res["results"] = [r for r in res["results"] if r["method"] != "jacobian"]
+    goals = {g["goal"]: g for g in records.evaluate_goals(res)}
+    race = goals["transformer similarity at N=1024: layer-wise / Jacobian time < 1 (layer-wise faster)"]
+    assert race["measured"] is None and not race["met"]

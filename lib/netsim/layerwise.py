@@ -203,6 +203,7 @@ def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
     forward (`_COMPOSITES`), which records one pair per linear map."""
     records: dict[int, list] = {id(m): [] for _, m, _ in owners}
     names = {id(m): name for name, m, _ in owners}
+    batch = inputs.shape[0]
 
     def hook(module, args, output):
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
@@ -236,6 +237,12 @@ def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
             raise UnsupportedModel(f"module {name!r} ran {len(records[id(m)])} times in one forward pass")
         call = records[id(m)][0]
         for x, x_version, o, o_version in call:
+            if x.shape[:1] != (batch,) or o.shape[:1] != (batch,):
+                # The rules read dimension 0 as the sample: position ids without a batch dimension
+                # (pos(arange(T))) or a sequence-first layout would mix the samples up.
+                raise UnsupportedModel(f"{type(m).__name__} {name!r} records a tensor of shape {tuple(x.shape)} whose "
+                                       f"first dimension is not the {batch} sample(s) of the batch: no layer-wise "
+                                       "rule (method='jacobian' handles it)")
             if modified is None and (o._version != o_version or x._version != x_version):
                 modified = name
         pairs.append([(x, o) for x, _, o, _ in call])

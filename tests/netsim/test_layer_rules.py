@@ -2,6 +2,8 @@
 each against the per-sample reference loop in float64; whole models (a small transformer text classifier, a
 ResNet-style CNN in eval mode); recurrent models through the Jacobian engine."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -168,6 +170,36 @@ def test_cross_attention_is_left_to_the_jacobian_engine():
         layerwise.factorise(model, xs)
     assert not any("forward" in vars(m) for m in model.modules())
     assert netsim.engine.engine_for(model, xs).name == "jacobian"
+
+
+class _PositionIds(nn.Module):
+    """Position embeddings looked up without a batch dimension, as in nanoGPT: pos(arange(T)) is `(T, dim)`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos, self.head = nn.Embedding(20, 8), nn.Embedding(6, 8), nn.Linear(8, 2)
+
+    def forward(self, tokens):
+        return self.head((self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))).mean(1))
+
+
+@pytest.mark.parametrize("model", [_PositionIds(), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()],
+                         ids=["position_ids", "sequence_first"])
+def test_modules_called_without_the_batch_first_go_to_the_jacobian_engine(model):
+    """The rules read dimension 0 as the sample; a module that sees another layout is named, and auto is exact."""
+    xs = token_batch(5, 4, 20) if isinstance(model, _PositionIds) else torch.randn(5, 3, 8)
+
+    def first_two(out):
+        return out.reshape(out.shape[0], -1)[:, :2]
+
+    with pytest.raises(layerwise.UnsupportedModel, match="first dimension is not the 1 sample"):
+        netsim.engine.engine_for(model, xs, first_two, method="layerwise")
+    assert netsim.engine.engine_for(model, xs, first_two).name == "jacobian"
+    reference = reference_jacobians(copy.deepcopy(model).double(), xs if xs.dtype == torch.long else xs.double(),
+                                    first_two)
+    torch.testing.assert_close(netsim.similarity(model, xs, output_fn=first_two),
+                               netsim.similarity_from_jacobians(reference).float(), rtol=1e-4, atol=1e-5)
 
 
 class _LSTMClassifier(nn.Module):

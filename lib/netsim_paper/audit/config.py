@@ -20,9 +20,11 @@ class DataAuditConfig:
         n_test: test images (the first ones of the 10k test set).
         flip_fraction: fraction of training labels flipped, each to another class drawn uniformly.
         epochs, batch_size, lr: Adam training of the CNN.
-        sketch: stored numbers per sample of the index's random projection (None: exact). The
-            all-pairs neighbour search costs N^2 x sketch multiply-adds per kind: 256 keeps it
-            about a minute on one core for N = 50000 (51 MB on disk); its k^C error is measured.
+        sketch: stored numbers per sample of the index's random projection (None: exact). Each
+            all-pairs neighbour pass costs N^2 / 2 x sketch multiply-adds; 256 (254 stored values,
+            51 MB at N = 50000) was measured on the smoke subset (3000 images): k^C audit AUROC
+            0.976 at 256, 0.977 at 1024, 0.978 exact (median |k^C error| 0.061, 0.0065, 0). The
+            notebook measures the error of the sketch it uses (`calibrate`).
         calibration_pairs: random pairs on which the sketch's k^C error is measured.
         k: neighbours per sample of every k-NN label-disagreement score.
         ablation_n: training samples (the first ones) on which the audit is repeated with the

@@ -65,6 +65,9 @@ from .layerwise import DenseFactors, LinearFactors
 from .params import ParamSpec
 from .sketch import Sketch, plan_sketch
 
+#: A sketch size that keeps the neighbours (top-10 recall against exact k^C, `bench/index.py`).
+DEFAULT_SKETCH = 1024
+
 Rep = list  # a chunk's entries: LinearFactors / DenseFactors
 ENGINE = LayerwiseEngine  # the kernel operations on stored entries (static methods)
 

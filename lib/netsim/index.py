@@ -30,9 +30,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from itertools import chain, groupby
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,10 @@ from .kernel import (
     data_output_dim,
     engine_chunks,
     engine_for_data,
-    kernel_block,
     left_factor,
     prepare_columns,
     prepare_rows,
-    reduce_block,
+    trace_divisor,
 )
 from .layerwise import DenseFactors, LinearFactors
 from .params import ParamSpec
@@ -241,7 +241,7 @@ class SimilarityIndex:
         return {"format": store.FORMAT, "settings": settings, "engine": engine.name, "d": d,
                 "layout": _entry_layout(rep), "sketch_plan": plan, "values_per_sample": _values_per_sample(stored),
                 "versions": {"netsim": __version__, "torch": torch.__version__, "numpy": np.__version__},
-                "count": None, "complete": False, "shards": [], "calibration": None}
+                "count": None, "complete": False, "shards": [], "calibration": None, "build_wall_s": 0.0}
 
     @classmethod
     def open(cls, path, model: nn.Module, *, output_fn: OutputFn | None = None, params: ParamSpec = None,
@@ -275,6 +275,7 @@ class SimilarityIndex:
     def _write_shards(self, source, progress: bool, process_group) -> None:
         size = self.manifest["settings"]["shard_size"]
         done = {m["index"]: m for m in store.completed_shards(self.path)}
+        self._clock = (time.perf_counter(), self.manifest.get("build_wall_s", 0.0))
         engine = self._engine(source)
         bar = tqdm(total=source.length, desc="index", unit="sample", disable=not progress)
         try:
@@ -309,8 +310,14 @@ class SimilarityIndex:
         left_factor(rep, "correlation", None, self.manifest["settings"]["on_zero"], offset, ENGINE)
         return self._sketch.apply(rep) if self._sketch is not None else rep
 
+    def _elapsed(self) -> float:
+        """Wall seconds spent building, over every (resumed) attempt so far."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
     def _add_shard(self, meta: dict) -> None:
         self._verified.add(meta["index"])
+        self.manifest["build_wall_s"] = self._elapsed()
         self.manifest["shards"] = sorted([*(m for m in self.manifest["shards"] if m["index"] != meta["index"]), meta],
                                          key=lambda m: m["index"])
         store.write_json(self.path / store.MANIFEST, self.manifest)
@@ -322,7 +329,7 @@ class SimilarityIndex:
         if [m["start"] for m in metas] != [0, *stops[:-1]] or stops[-1] != length:
             raise RuntimeError(f"the shards under {self.path} do not cover the data contiguously: "
                                f"{[(m['start'], m['stop']) for m in metas]}")
-        self.manifest.update(shards=metas, count=stops[-1], complete=True)
+        self.manifest.update(shards=metas, count=stops[-1], complete=True, build_wall_s=self._elapsed())
         store.write_json(self.path / store.MANIFEST, self.manifest)
 
     # ------------------------------------------------------------------ representations
@@ -362,6 +369,32 @@ class SimilarityIndex:
             reps.append(_slice(self._read(meta), slice(i - meta["start"], i - meta["start"] + 1)))
         return _cat(reps)
 
+    def _prepared(self, chunks, kind: str, side: str) -> Rep:
+        """Prepared entries (`kernel.prepare_rows` / `prepare_columns`) divided per sample by the
+        reduction's divisor (`kernel.trace_divisor`), so that a plain trace gram is the reduced
+        kernel: no element-wise pass over the `(rows, columns)` blocks. Zero-gradient samples
+        (on_zero="zero") become zero rows."""
+        on_zero = self.manifest["settings"]["on_zero"]
+        chunks = list(chunks)
+        if side == "rows":
+            Q, rank = prepare_rows(chunks, ENGINE, kind, None, on_zero, chunks[0][0])
+        else:
+            (offset, rep), = chunks
+            Q, rank = prepare_columns(rep, kind, None, on_zero, offset, ENGINE)
+        divisor = trace_divisor(kind, rank, side)
+        scale = torch.where(divisor > 0, 1.0 / divisor.clamp_min(1.0), torch.zeros_like(divisor))
+        if bool((scale == 1).all()):
+            return Q
+        d = self.manifest["d"]
+        first = Q[0].grads if isinstance(Q[0], DenseFactors) else Q[0].delta
+        left = torch.eye(d, dtype=first.dtype, device=first.device) * scale.to(first)[:, None, None]
+        return ENGINE.transform(Q, left)
+
+    def _kernel(self, Qx: Rep, Qy: Rep, kind: str) -> Tensor:
+        """The reduced kernel block between two `_prepared` sides."""
+        block = ENGINE.gram(Qx, Qy, True)
+        return block.clamp_(-1.0, 1.0) if kind == "correlation" else block
+
     def _rows_per_block(self) -> int:
         itemsize = torch.empty(0, dtype=getattr(torch, self.manifest["settings"]["dtype"])).element_size()
         per_sample = self.manifest["values_per_sample"] * itemsize
@@ -389,17 +422,14 @@ class SimilarityIndex:
     def _blocks(self, xs, targets, targets_key, kind: str) -> Iterator[tuple[slice, dict, Tensor]]:
         """`(query rows, shard meta, (b, shard) kernel block)` for every query block and shard."""
         check_choice("kind", kind, KINDS)
-        on_zero = self.manifest["settings"]["on_zero"]
         block = self._rows_per_block()
         chunks = self._query_reps(xs, targets, targets_key, block=block)
         for _, group in groupby(chunks, key=lambda chunk: chunk[0] // block):
-            head = next(group)
-            Qx, rank_x = prepare_rows(chain([head], group), ENGINE, kind, None, on_zero, head[0])  # noqa: B031
-            rows = slice(head[0], head[0] + ENGINE.size(Qx))
+            group = list(group)
+            Qx = self._prepared(group, kind, "rows")
+            rows = slice(group[0][0], group[0][0] + ENGINE.size(Qx))
             for meta, rep in self._shards():
-                Qy, rank_y = prepare_columns(rep, kind, None, on_zero, meta["start"], ENGINE)
-                yield rows, meta, reduce_block(kernel_block(Qx, Qy, kind, "trace", ENGINE), kind, "trace",
-                                               rank_x, rank_y)
+                yield rows, meta, self._kernel(Qx, self._prepared([(meta["start"], rep)], kind, "columns"), kind)
 
     def similarity(self, xs, *, kind: str = "correlation", targets: Tensor | None = None,
                    targets_key: str | None = None) -> Tensor:
@@ -435,7 +465,7 @@ class SimilarityIndex:
             if meta["index"] == 0:
                 values.append(block.new_full((rows.stop - rows.start, k), -math.inf))
                 indices.append(torch.full((rows.stop - rows.start, k), -1, dtype=torch.long, device=block.device))
-            _merge_top(values[-1], indices[-1], block, meta["start"], k)
+            _merge_top(values[-1], indices[-1], block, meta["start"])
         return torch.cat(values), torch.cat(indices)
 
     def neighbours(self, k: int = 10, *, kind: str = "correlation", progress: bool = False) -> tuple[Tensor, Tensor]:
@@ -451,29 +481,27 @@ class SimilarityIndex:
         k = min(k, len(self) - 1)
         if k < 1:
             raise ValueError("neighbours needs at least two indexed samples")
-        on_zero = self.manifest["settings"]["on_zero"]
         shards = self.manifest["shards"]
         values = None
         indices = torch.full((len(self), k), -1, dtype=torch.long)
         bar = tqdm(total=len(shards), desc=f"neighbours k^{kind}", unit="shard", disable=not progress)
         symmetric = kind != "influence"
         for a, meta_a in enumerate(shards):
-            rep_a = self._read(meta_a)
-            Qa, rank_a = prepare_rows([(meta_a["start"], rep_a)], ENGINE, kind, None, on_zero, meta_a["start"])
+            Qa = self._prepared([(meta_a["start"], self._read(meta_a))], kind, "rows")
             rows_a = slice(meta_a["start"], meta_a["stop"])
             for meta_b in shards[a if symmetric else 0:]:
                 rows_b = slice(meta_b["start"], meta_b["stop"])
-                Qb, rank_b = (Qa, rank_a) if meta_b is meta_a and symmetric else \
-                    prepare_columns(self._read(meta_b), kind, None, on_zero, meta_b["start"], ENGINE)
-                block = reduce_block(kernel_block(Qa, Qb, kind, "trace", ENGINE), kind, "trace", rank_a, rank_b)
+                Qb = Qa if meta_b is meta_a and symmetric else \
+                    self._prepared([(meta_b["start"], self._read(meta_b))], kind, "columns")
+                block = self._kernel(Qa, Qb, kind)
                 if values is None:
                     values = block.new_full((len(self), k), -math.inf)
                     indices = indices.to(block.device)
                 if meta_b is meta_a:
                     block.fill_diagonal_(-math.inf)
-                _merge_top(values[rows_a], indices[rows_a], block, rows_b.start, k)
+                _merge_top(values[rows_a], indices[rows_a], block, rows_b.start)
                 if symmetric and meta_b is not meta_a:
-                    _merge_top(values[rows_b], indices[rows_b], block.T, rows_a.start, k)
+                    _merge_top(values[rows_b], indices[rows_b], block.T, rows_a.start)
             bar.update()
         bar.close()
         return values, indices
@@ -514,15 +542,12 @@ class SimilarityIndex:
             `{module name: contribution}` in the model's module order.
         """
         check_choice("kind", kind, KINDS)
-        on_zero = self.manifest["settings"]["on_zero"]
         rep = self._rows([i, j])
         layout = _layerwise_layout(rep)
-        Qi, rank_i = prepare_rows([(0, _slice(rep, slice(0, 1)))], ENGINE, kind, None, on_zero, i)
-        Qj, rank_j = prepare_columns(_slice(rep, slice(1, 2)), kind, None, on_zero, j, ENGINE)
+        Qi = self._prepared([(i, _slice(rep, slice(0, 1)))], kind, "rows")
+        Qj = self._prepared([(j, _slice(rep, slice(1, 2)))], kind, "columns")
         parts_i, parts_j = ({m: [Q[e] for e in entries] for m, entries in layout.items()} for Q in (Qi, Qj))
-        return OrderedDict((name, float(reduce_block(kernel_block(parts_i[name], parts_j[name], kind, "trace", ENGINE),
-                                                     kind, "trace", rank_i, rank_j)[0, 0]))
-                           for name in layout)
+        return OrderedDict((name, float(ENGINE.gram(parts_i[name], parts_j[name], True)[0, 0])) for name in layout)
 
     def calibrate(self, data, n_pairs: int = 2000, *, targets: Tensor | None = None,
                   targets_key: str | None = None, seed: int = 0) -> dict:
@@ -549,10 +574,8 @@ class SimilarityIndex:
         picked = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:m].sort().values
         exact = similarity(self.model, source.select(picked), output_fn=self.output_fn, method=self.manifest["engine"],
                            params=self.params, chunk_size=self.chunk_size, on_zero=self.manifest["settings"]["on_zero"])
-        rep = self._rows(picked.tolist())
-        on_zero = self.manifest["settings"]["on_zero"]
-        Q, rank = prepare_rows([(0, rep)], ENGINE, "correlation", None, on_zero, 0)
-        stored = reduce_block(kernel_block(Q, Q, "correlation", "trace", ENGINE), "correlation", "trace", rank, rank)
+        Q = self._prepared([(0, self._rows(picked.tolist()))], "correlation", "rows")
+        stored = self._kernel(Q, Q, "correlation")
         upper = torch.triu_indices(m, m, 1)
         err = (stored - exact)[upper[0], upper[1]].double().cpu()
         report = {"n_pairs": int(err.numel()), "median_abs_err": float(err.abs().median()),
@@ -569,11 +592,13 @@ def _values_per_sample(rep: Rep) -> int:
                (f.x.shape[1] if f.weight else 0) + f.delta[0].numel() for f in rep)
 
 
-def _merge_top(values: Tensor, indices: Tensor, block: Tensor, offset: int, k: int) -> None:
-    """Merges a `(b, c)` block whose columns are samples offset.. into running top-k (in place)."""
-    cand_values = torch.cat([values, block], 1)
-    cand_indices = torch.cat([indices, torch.arange(offset, offset + block.shape[1], device=block.device)
-                              .expand(block.shape[0], -1)], 1)
-    top = cand_values.topk(k, dim=1)
-    values.copy_(top.values)
-    indices.copy_(cand_indices.gather(1, top.indices))
+def _merge_top(values: Tensor, indices: Tensor, block: Tensor, offset: int) -> None:
+    """Merges a `(b, c)` block whose columns are samples `offset..` into the running top-k
+    `(b, k)` (in place): the block's own top-k first, so only 2k candidates per row are merged."""
+    k = values.shape[1]
+    top = block.topk(min(k, block.shape[1]), dim=1)
+    cand_values = torch.cat([values, top.values], 1)
+    cand_indices = torch.cat([indices, top.indices + offset], 1)
+    best = cand_values.topk(k, dim=1)
+    values.copy_(best.values)
+    indices.copy_(cand_indices.gather(1, best.indices))

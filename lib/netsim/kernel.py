@@ -202,16 +202,21 @@ def reduce_block(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: 
         # max over rotations R of Tr(R M) = sqrt((a + d)^2 + (b - c)^2) for M = [[a, b], [c, d]]
         block = torch.sqrt((block[..., 0, 0] + block[..., 1, 1]) ** 2
                            + (block[..., 0, 1] - block[..., 1, 0]) ** 2)
-    # Divisor: d for inner (rank_x is d there), rank K(x, x) for influence, and
-    # sqrt(rank K(x, x) rank K(x', x')) for correlation (Cauchy-Schwarz keeps |k^C| <= 1).
-    if kind == "correlation":
-        norm = torch.sqrt(rank_x.double().unsqueeze(1) * rank_y.double().unsqueeze(0))
-    else:
-        norm = rank_x.double().unsqueeze(1).expand(-1, rank_y.shape[0])
-    norm = norm.to(block)  # dtype and device: the ranks may live on the CPU
+    norm = (trace_divisor(kind, rank_x, "rows").unsqueeze(1)
+            * trace_divisor(kind, rank_y, "columns").unsqueeze(0)).to(block)  # the ranks may live on the CPU
     # A zero norm only occurs for samples given similarity 0 by on_zero="zero".
     out = torch.where(norm > 0, block / norm.clamp_min(1), torch.zeros_like(block))
     return out.clamp_(-1.0, 1.0) if kind == "correlation" else out
+
+
+def trace_divisor(kind: str, rank: Tensor, side: str) -> Tensor:
+    """`(n,)` float64 per-sample factors of the reductions' divisor n(x, x') = div_rows(x) div_columns(x'):
+    d for inner (rank is d there) and rank K(x, x) for influence, both on the rows' side, and
+    sqrt(rank K(x, x) rank K(x', x')) for correlation (Cauchy-Schwarz keeps |k^C| <= 1)."""
+    rank = rank.double()
+    if kind == "correlation":
+        return rank.sqrt()
+    return rank if side == "rows" else torch.ones_like(rank)
 
 
 def _exact_self(block: Tensor, kind: str, reduce: str, rank: Tensor) -> Tensor:

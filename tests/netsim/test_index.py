@@ -96,11 +96,12 @@ def test_exact_index_equals_streamed_kernels(tmp_path, name, method):
     assert sum(parts.values()) == pytest.approx(float(full[3, 11]), abs=tol["atol"])
 
 
-def test_influence_neighbours_are_asymmetric_rows(tmp_path):
+@pytest.mark.parametrize("kind", ["inner", "influence"])   # k^N is asymmetric: every shard pair is computed
+def test_neighbours_of_the_other_kinds(tmp_path, kind):
     model, xs = CASES["mlp"]
     index = netsim.SimilarityIndex.build(model, xs, tmp_path / "i", shard_size=16)
-    full = netsim.similarity(model, xs, kind="influence").fill_diagonal_(-torch.inf)
-    torch.testing.assert_close(index.neighbours(k=4, kind="influence")[0], full.topk(4, 1).values)
+    full = netsim.similarity(model, xs, kind=kind).fill_diagonal_(-torch.inf)
+    torch.testing.assert_close(index.neighbours(k=4, kind=kind)[0], full.topk(4, 1).values)
 
 
 def test_data_forms_and_targets(tmp_path):

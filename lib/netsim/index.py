@@ -125,11 +125,11 @@ class SimilarityIndex:
     reopen with `open`; `len(index)` is the number of indexed samples."""
 
     def __init__(self, root: Path, manifest: dict, model: nn.Module, output_fn: OutputFn | None,
-                 params: ParamSpec, chunk_size: int | None, verified: set[int] | None = None):
+                 params: ParamSpec, chunk_size: int | None):
         self.path, self.manifest, self.model = Path(root), manifest, model
         self.output_fn, self.params, self.chunk_size = output_fn, params, chunk_size
         self._sketch = Sketch(manifest["sketch_plan"]) if manifest["sketch_plan"] else None
-        self._verified = set() if verified is None else verified
+        self._verified: set[int] = set()   # shards whose checksums this object has checked (or written)
 
     # ------------------------------------------------------------------ building and opening
     @classmethod

@@ -15,7 +15,12 @@ Data may be a tensor, a Dataset, a DataLoader or any iterable of batches (`netsi
 `params=` picks the parameters the kernels differentiate against (`netsim.params`).
 """
 
-__version__ = "0.1.0"   # before the imports: netsim.index records it in its manifests
+from importlib import metadata as _metadata
+
+try:   # the installed distribution's version, recorded in index manifests
+    __version__ = _metadata.version("netsim")
+except _metadata.PackageNotFoundError:   # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 from . import data, engine, outputs, params
 from .by_module import similarity_by_module

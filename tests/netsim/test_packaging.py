@@ -39,3 +39,11 @@ def test_library_wheel_ships_the_library_alone(wheel):
     with zipfile.ZipFile(wheel) as zf:
         packages = {n.split("/")[0] for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"netsim"}
+
+
+def test_version_is_the_distributions():
+    import tomllib
+
+    import netsim
+    with open(LIB / "pyproject.toml", "rb") as f:
+        assert netsim.__version__ == tomllib.load(f)["project"]["version"]

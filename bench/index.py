@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/index.py                  # 50k training images (~15 min, 1 thread)
     .venv/bin/python bench/index.py --quick          # 5k images, for a smoke run (~2 min)
+    .venv/bin/python bench/index.py --plot           # redraw bench/index_sketch.png from the results
 
 The authors' MNIST CNN (`mnist_cnn`, 317,069 parameters) is trained for one pass over the
 training images (Adam, lr 1e-3, batches of 64, seeded), then, with 1 thread:
@@ -187,10 +188,17 @@ def plot(out: dict, path: Path) -> None:
     ax2.set(xscale="log", ylim=(0, 1.02), xlabel="sketch size k (stored values per sample)", ylabel="recall@10",
             title=f"top-10 recall vs exact k^C ({out['pool']} images)")
     ax2.legend()
+    for ax in (ax1, ax2):   # one labelled tick per measured size, no minor labels
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
     fig.suptitle("SimilarityIndex sketch on MNIST (authors' CNN, class vs rest, d = 1)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot"]:   # redraw the plot from a results file: bench/index.py --plot [json]
+        results = Path(sys.argv[2]) if len(sys.argv) > 2 else HERE / "index_results.json"
+        plot(json.loads(results.read_text()), results.with_name("index_sketch.png"))
+    else:
+        main()

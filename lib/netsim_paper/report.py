@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -48,7 +49,7 @@ REGIME_START, REGIME_END = "<!-- regime:start -->", "<!-- regime:end -->"
 #: Where `./run_all.sh` publishes the executed notebooks, relative to the README.
 NOTEBOOKS_LINK = "figures/notebooks"
 #: Keys that write_metrics adds itself; metrics may not use them.
-RESERVED = ("profile", "seeds", "package_versions", "generated_at")
+RESERVED = ("profile", "seeds", "package_versions", "numeric_setting", "generated_at")
 NO_RESULTS = "No results yet: run ./run_all.sh"
 
 
@@ -124,6 +125,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def numeric_setting() -> dict[str, Any]:
+    """What, beside the code and versions, fixes the low bits of trained models: the CPU's vector
+    instruction set as torch uses it (e.g. "AVX2") and torch's thread count. Same code, same seeds
+    and a different setting train to different registration models (traced on 2026-11-30)."""
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
 def write_metrics(stem: str, metrics: Mapping[str, Any], *, profile: str,
                   seeds: int | list[int] | tuple[int, ...]) -> Path:
     """Write `<figures_dir>/<stem>.json`: the metrics plus provenance.
@@ -141,7 +152,8 @@ def write_metrics(stem: str, metrics: Mapping[str, Any], *, profile: str,
 
     Raises:
         ValueError: a NaN/inf anywhere (the message names its key path), a reserved key
-            ("profile", "seeds", "package_versions", "generated_at"), or a bad stem. Nothing
+            ("profile", "seeds", "package_versions", "numeric_setting", "generated_at"), or a bad
+            stem. Nothing
             is written then.
     """
     if not stem or Path(stem).name != stem or stem.endswith(".json"):
@@ -156,6 +168,7 @@ def write_metrics(stem: str, metrics: Mapping[str, Any], *, profile: str,
         profile=profile,
         seeds=_to_json(seed_list, "seeds"),
         package_versions=package_versions(),
+        numeric_setting=numeric_setting(),
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     text = json.dumps(payload, indent=2, allow_nan=False, default=_json_default) + "\n"

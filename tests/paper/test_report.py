@@ -44,6 +44,7 @@ def test_write_metrics_content(figdir):
     assert data["profile"] == "smoke" and data["seeds"] == [0]
     assert set(data["package_versions"]) == {"python", "torch", "numpy", "matplotlib", "netsim"}
     assert data["package_versions"]["torch"].startswith("2.13.0")
+    assert data["numeric_setting"]["torch_threads"] >= 1 and data["numeric_setting"]["cpu_capability"]
     assert data["generated_at"].endswith("+00:00")
     assert path.read_text().startswith("{\n  ")  # pretty-printed
 

@@ -25,18 +25,32 @@ DENSE_TASKS = {"grads": "per_sample_grads", "soft": "soft_density", "sim": "simi
 
 def check_grads(b, G) -> dict:
     """Compares the first rows of a materialised `(N, d, p)` G with `netsim.per_sample_grads`
-    (4 samples at a time: the check must not raise the measurement's peak memory)."""
+    (4 samples at a time: the check must not raise the measurement's peak memory).
+
+    Tolerance: the larger of `CHECK_RTOL_G` and twice netsim's own float32 rounding error on
+    those samples (against the same engine on a float64 copy of the model and inputs): two
+    float32 results that each lie that far from the exact one can differ by twice it. Most
+    models round at ~1e-6 of max |G|; the registration net's GroupNorm layers reach ~3e-4 on
+    some samples, for every float32 method (the naive loop included)."""
+    import copy
+
     import netsim
     m = min(b.n, CHECK_N)
-    diff = scale = 0.0
+    model64 = copy.deepcopy(b.model).double()
+    diff = scale = rounding = 0.0
     for start in range(0, m, 4):
         stop = min(m, start + 4)
         x, t = b.inputs[start:stop], None if b.targets is None else b.targets[start:stop]
         ref = netsim.per_sample_grads(b.model, x, output_fn=b.output_fn, targets=t)
+        ref64 = netsim.per_sample_grads(model64, x.double() if x.is_floating_point() else x, output_fn=b.output_fn,
+                                        targets=t)
         diff = max(diff, (G[start:start + ref.shape[0]] - ref).abs().max().item())
+        rounding = max(rounding, (ref.double() - ref64).abs().max().item())
         scale = max(scale, ref.abs().max().item())
-    err = diff / max(scale, 1e-30)
-    return {"against": "netsim.per_sample_grads", "n": m, "max_rel_err": err, "ok": err <= CHECK_RTOL_G}
+    scale = max(scale, 1e-30)
+    err, tol = diff / scale, max(CHECK_RTOL_G, 2 * rounding / scale)
+    return {"against": "netsim.per_sample_grads", "n": m, "max_rel_err": err,
+            "netsim_float32_rel_err": rounding / scale, "tol": tol, "ok": err <= tol}
 
 
 def check_similarity(b, kc) -> dict:

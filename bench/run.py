@@ -192,9 +192,10 @@ def print_summary(res: dict, out: Path) -> None:
         print(f"threads {k}: wall 1 thr {v['wall_1']:.3g} s, 2 thr {v['wall_2']:.3g} s -> {v['faster_threads']} faster")
     for model, prof in res.get("soft_density_profile", {}).items():
         if "parts" in prof:
-            top = ", ".join(f"{k} {v / prof['profiled_s']:.0%}" for k, v in list(prof["parts"].items())[:4])
+            base = prof.get("profiled_s") or prof["total_s"]  # files of earlier runs lack profiled_s
+            top = ", ".join(f"{k} {v / base:.0%}" for k, v in list(prof["parts"].items())[:4])
             print(f"soft_density profile {model} N={prof['n']} ({prof['total_s']:.3g} s, profiled "
-                  f"{prof['profiled_s']:.3g} s): {top}")
+                  f"{base:.3g} s): {top}")
     print("\ngoals:")
     for g in res["goals"]:
         m = g.get("measured")

@@ -522,3 +522,20 @@ def test_goals_read_auto_first_and_race_the_transformer_engines():
     goals = {g["goal"]: g for g in records.evaluate_goals(res)}
     race = goals["transformer similarity at N=1024: layer-wise / Jacobian time < 1 (layer-wise faster)"]
     assert race["measured"] is None and not race["met"]
+
+
+def test_grads_check_accepts_float32_rounding_and_flags_a_wrong_g():
+    """The G check passes netsim's own G, flags one entry off by 1 % of max |G|, and its
+    tolerance is at least twice netsim's measured float32 rounding error (against float64)."""
+    import baselines
+    b = M.make_bench("mlp", 40)
+    G = M.ours_grads(b)
+    ok = baselines.check_grads(b, G)
+    assert ok["ok"] and ok["n"] == baselines.CHECK_N and ok["max_rel_err"] == 0.0
+    assert ok["tol"] == max(baselines.CHECK_RTOL_G, 2 * ok["netsim_float32_rel_err"])
+    bad = G.clone()
+    bad[3, 0, 7] += 0.01 * G.abs().max()
+    wrong = baselines.check_grads(b, bad)
+    assert not wrong["ok"] and wrong["max_rel_err"] == pytest.approx(0.01, rel=1e-3)
+    row = baselines.attach_check({"status": "ok"}, wrong)
+    assert row["status"].startswith("mismatch: differs from netsim.per_sample_grads")

@@ -250,6 +250,7 @@ def paper_regime_markdown(figures: Path) -> str | None:
 # --------------------------------------------------------------------------- performance
 
 _METHODS = {"epoch": "epoch (reference)", "layerwise": "ours: layerwise", "jacobian": "ours: jacobian",
+            "auto": "ours: auto",
             "naive": "naive loop", "vmap": "torch.func vmap",
             # peers (bench/peers.py, optional `bench` extra)
             "backpack": "BackPACK BatchGrad", "opacus": "Opacus GradSampleModule",
@@ -290,8 +291,8 @@ def _goal_lines(res: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-#: Our two engines; every other method but the epoch is a baseline or a peer.
-_OURS = ("layerwise", "jacobian")
+#: Our engines (and auto's pick of them); every other method but the epoch is a baseline or a peer.
+_OURS = ("layerwise", "jacobian", "auto")
 
 
 def _ours_versus_best_other(rows: list[Mapping[str, Any]], task: str) -> str:

@@ -114,12 +114,6 @@ def _slice(rep: Rep, rows) -> Rep:
             LinearFactors(f.x[rows], f.delta[rows], f.bias, f.weight, f.names) for f in rep]
 
 
-def _cat(reps: list[Rep]) -> Rep:
-    out = ENGINE.cat(reps)
-    return [DenseFactors(f.grads, g.names) if isinstance(f, DenseFactors) else
-            LinearFactors(f.x, f.delta, f.bias, f.weight, g.names) for f, g in zip(out, reps[0])]
-
-
 class SimilarityIndex:
     """An on-disk index of a data set's Jacobians (see the module docstring). Build with `build`,
     reopen with `open`; `len(index)` is the number of indexed samples."""
@@ -290,7 +284,7 @@ class SimilarityIndex:
                     for offset, rep in group:
                         reps.append(self._stored(rep, offset))
                         bar.update(ENGINE.size(reps[-1]))
-                    self._add_shard(store.write_shard(self.path, s, s * size, _cat(reps)))
+                    self._add_shard(store.write_shard(self.path, s, s * size, ENGINE.cat(reps)))
             else:
                 rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
                 for s in range(rank, math.ceil(source.length / size), world):
@@ -299,7 +293,7 @@ class SimilarityIndex:
                     stop = min(source.length, (s + 1) * size)
                     reps = [self._stored(rep, s * size + o) for o, rep in
                             engine_chunks(engine, source.rows(s * size, stop))]
-                    store.write_shard(self.path, s, s * size, _cat(reps))
+                    store.write_shard(self.path, s, s * size, ENGINE.cat(reps))
                     bar.update(stop - s * size)
         finally:
             bar.close()
@@ -367,7 +361,7 @@ class SimilarityIndex:
                 raise IndexError(f"sample {i} is not in the index (0..{len(self) - 1})")
             meta = next(m for m in self.manifest["shards"] if m["start"] <= i < m["stop"])
             reps.append(_slice(self._read(meta), slice(i - meta["start"], i - meta["start"] + 1)))
-        return _cat(reps)
+        return ENGINE.cat(reps)
 
     def _prepared(self, chunks, kind: str, side: str) -> Rep:
         """Prepared entries (`kernel.prepare_rows` / `prepare_columns`) divided per sample by the

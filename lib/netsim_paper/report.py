@@ -9,8 +9,9 @@ Each notebook ends with::
 
 and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds, in README.md:
 
-- the results table between `<!-- results:start -->` and `<!-- results:end -->`, from every
-  `figures/[0-9][0-9]_*.json`, each section linked to its executed notebook in `figures/notebooks/`;
+- the headline results between `<!-- results:start -->` and `<!-- results:end -->`: a few rows
+  of every `figures/[0-9][0-9]_*.json` (`HEADLINES`), each linked to its executed notebook in
+  `figures/notebooks/`; every row of every notebook goes to `figures/RESULTS.md`;
 - the paper-regime line between `<!-- regime:start -->` and `<!-- regime:end -->`, from
   `figures/01_alignment_cdf.json`;
 - the performance summary (goals, one row per bench model) between `<!-- performance:start -->`
@@ -51,6 +52,21 @@ NOTEBOOKS_LINK = "figures/notebooks"
 #: Keys that write_metrics adds itself; metrics may not use them.
 RESERVED = ("profile", "seeds", "package_versions", "numeric_setting", "generated_at")
 NO_RESULTS = "No results yet: run ./run_all.sh"
+#: The README's rows of each notebook, by the start of their quantity (the README stays short;
+#: `figures/RESULTS.md` has them all). A notebook not named here shows its first row.
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "00_kernel_tour": ("mean |target gap|",),
+    "01_alignment_cdf": ("median error (px): noise → round 1 → round 2", "drop factor",
+                         "held-out tiles", "shifted-labels control", "inflated-buildings control"),
+    "02_sinusoid_density": ("log-log slope of N_S vs f", "log-log slope of N_tau=0.9 vs f"),
+    "03_mnist_speedup": ("steps to 50% accuracy", "paired difference to baseline at step 30, + paper criterion",
+                         "paired difference to baseline at step 30, + (+cos)"),
+    "04_neighbor_patches": ("neighbour skill, building density", "neighbour skill, label noise"),
+    "05_similarity_histograms": ("query's mean k^C to all patches", "predicted denoising factor"),
+    "06_data_audit": ("flipped-label AUROC [95%] / precision@2500, k^C neighbours",
+                      "flipped-label AUROC [95%] / precision@2500, training loss",
+                      "misclassified-test-image AUROC, low N_S", "misclassified-test-image AUROC, low max-softmax"),
+}
 
 
 # --------------------------------------------------------------------------- metrics JSON
@@ -190,37 +206,73 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _section(stem: str, data: Mapping[str, Any]) -> list[str]:
-    title = data.get("title")
-    lines = [f"### [{stem}]({NOTEBOOKS_LINK}/{stem}.ipynb)" + (f" — {title}" if isinstance(title, str) else "")]
+def _rows(data: Mapping[str, Any]) -> list[tuple[Any, Any, Any]]:
+    """(quantity, ours, paper) of a notebook's metrics: its `readme_rows`, or else its numeric
+    scalars (paper unknown)."""
     rows = data.get("readme_rows")
     if rows is not None:
-        lines += ["| Quantity | Ours | Paper |", "| --- | --- | --- |"]
-        for row in rows:
-            lines.append(f"| {_cell(row.get('quantity'))} | {_cell(row.get('ours'))} "
-                         f"| {_cell(row.get('paper'))} |")
-    else:
-        scalars = {k: v for k, v in data.items()
-                   if k not in RESERVED and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        lines += ["| Quantity | Value |", "| --- | --- |"]
-        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in scalars.items()]
+        return [(row.get("quantity"), row.get("ours"), row.get("paper")) for row in rows]
+    return [(k, v, None) for k, v in data.items()
+            if k not in RESERVED and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _provenance(stem: str, data: Mapping[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in data.get("seeds", [])) or "?"
     versions = data.get("package_versions", {})
-    lines += ["", f"<sub>profile `{data.get('profile', '?')}`, seeds {seeds}, "
-                  f"torch {versions.get('torch', '?')}, generated {data.get('generated_at', '?')}"
-                  f" — from `figures/{stem}.json`</sub>", ""]
-    return lines
+    return (f"profile `{data.get('profile', '?')}`, seeds {seeds}, torch {versions.get('torch', '?')}, "
+            f"generated {data.get('generated_at', '?')} — from `figures/{stem}.json`")
+
+
+def _section(stem: str, data: Mapping[str, Any], notebooks: str) -> list[str]:
+    title = data.get("title")
+    lines = [f"### [{stem}]({notebooks}/{stem}.ipynb)" + (f" — {title}" if isinstance(title, str) else "")]
+    lines += ["| Quantity | Ours | Paper |", "| --- | --- | --- |"]
+    lines += [f"| {_cell(q)} | {_cell(o)} | {_cell(p)} |" for q, o, p in _rows(data)]
+    return lines + ["", f"<sub>{_provenance(stem, data)}</sub>", ""]
+
+
+def _metrics(figures: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(f.stem, json.loads(f.read_text(encoding="utf-8")))
+            for f in sorted(Path(figures).glob("[0-9][0-9]_*.json"))]
+
+
+def _headline_rows(stem: str, data: Mapping[str, Any]) -> list[tuple[Any, Any, Any]]:
+    rows = _rows(data)
+    picked = []
+    for prefix in HEADLINES.get(stem, ()):
+        match = [r for r in rows if str(r[0]).startswith(prefix)]
+        if len(match) != 1:
+            raise ValueError(f"figures/{stem}.json has {len(match)} rows starting {prefix!r} "
+                             f"(report.HEADLINES expects one)")
+        picked += match
+    return picked or rows[:1]
 
 
 def results_markdown(figures: Path) -> str:
-    """The markdown between the README markers, from every `figures/[0-9][0-9]_*.json`."""
-    files = sorted(Path(figures).glob("[0-9][0-9]_*.json"))
-    if not files:
+    """The README's results: one table of each notebook's headline rows (`HEADLINES`), linked to
+    its executed notebook, from every `figures/[0-9][0-9]_*.json`."""
+    metrics = _metrics(figures)
+    if not metrics:
         return NO_RESULTS + "\n"
-    lines: list[str] = []
-    for file in files:
-        lines += _section(file.stem, json.loads(file.read_text(encoding="utf-8")))
-    return "\n".join(lines).rstrip("\n") + "\n"
+    lines = ["| Notebook | Quantity | Ours | Paper |", "| --- | --- | --- | --- |"]
+    for stem, data in metrics:
+        link = f"[{stem[:2]}]({NOTEBOOKS_LINK}/{stem}.ipynb)"
+        for q, o, p in _headline_rows(stem, data):
+            lines.append(f"| {link} | {_cell(q)} | {_cell(o)} | {_cell(p)} |")
+    dates = sorted({str(d.get("generated_at", "?"))[:10] for _, d in metrics})
+    profiles = sorted({str(d.get("profile", "?")) for _, d in metrics})
+    lines += ["", f"<sub>generated from `figures/*.json` (profile {', '.join(profiles)}; {', '.join(dates)}); "
+                  f"every row, seeds and versions: [`figures/RESULTS.md`](figures/RESULTS.md)</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def figures_page_markdown(figures: Path) -> str:
+    """`figures/RESULTS.md`: every row of every notebook's metrics, with where it came from."""
+    body = [line for stem, data in _metrics(figures) for line in _section(stem, data, "notebooks")]
+    return ("# Results, notebook by notebook\n\n"
+            "Generated from the `*.json` beside this page by `python -m netsim_paper.report update-readme` "
+            "(run by `./run_all.sh`); never edited by hand. Each title links to the executed notebook.\n\n"
+            + "\n".join(body).rstrip("\n") + "\n")
 
 
 def paper_regime_markdown(figures: Path) -> str | None:
@@ -456,11 +508,17 @@ def _fill(text: str, start: str, end: str, body: str) -> str:
     return f"{head}{start}\n{body}{end}{tail}"
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        _atomic_write_text(path, text)
+
+
 def update_readme(readme: Path | str | None = None, figures: Path | str | None = None,
                   bench_results: Path | str | None = None) -> Path:
     """Regenerate the README's generated sections and `bench/RESULTS.md`.
 
-    - Between the results markers: `results_markdown(figures)` (required markers).
+    - Between the results markers: `results_markdown(figures)` (required markers); when
+      `figures/` holds metrics, every row also goes to `figures/RESULTS.md`.
     - Between the regime markers, when present and the metrics exist: `paper_regime_markdown`.
     - When the bench results exist: between the performance markers (if present)
       `performance_summary_markdown`, and `RESULTS.md` beside the results file
@@ -484,16 +542,15 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
     if not _has_markers(text, START, END):
         raise ValueError(f"{readme} must contain exactly one {START} followed by one {END}")
     new = _fill(text, START, END, results_markdown(figures))
+    if _metrics(figures):
+        _write_if_changed(figures / "RESULTS.md", figures_page_markdown(figures))
     regime = paper_regime_markdown(figures)
     if regime is not None and _has_markers(new, REGIME_START, REGIME_END):
         new = _fill(new, REGIME_START, REGIME_END, regime)
     if bench_results.is_file():
         if _has_markers(new, PERF_START, PERF_END):
             new = _fill(new, PERF_START, PERF_END, performance_summary_markdown(bench_results))
-        page = bench_results.with_name("RESULTS.md")
-        page_text = results_page_markdown(bench_results)
-        if not page.is_file() or page.read_text(encoding="utf-8") != page_text:
-            _atomic_write_text(page, page_text)
+        _write_if_changed(bench_results.with_name("RESULTS.md"), results_page_markdown(bench_results))
     index_results = bench_results.with_name("index_results.json")
     if index_results.is_file() and _has_markers(new, INDEX_START, INDEX_END):
         new = _fill(new, INDEX_START, INDEX_END, index_summary_markdown(index_results))

@@ -118,16 +118,36 @@ def test_update_readme_replaces_between_markers(tmp_path, figdir):
     assert "old table" not in text
     assert text.startswith("# netsim\n\n## Results\n\n") and text.endswith("\n\n## Data\n")
     body = text[text.index(report.START):text.index(report.END)]
-    assert body.index("### [01_align](figures/notebooks/01_align.ipynb)\n") \
-        < body.index("### [02_demo](figures/notebooks/02_demo.ipynb) — Sinusoid\n")
-    assert "| slope of N_S | -0.3512 | -1 |" in body  # readme_rows win over scalars
-    assert "| slope |" not in body
-    assert "| median_px | 1.25 |" in body and "| rounds | 3 |" in body
-    assert "| ok |" not in body and "| curve |" not in body  # only numeric scalars
-    assert "notes" not in body
+    # the README: each notebook's first row (neither is in HEADLINES), linked to its notebook
+    assert body.index("| [01](figures/notebooks/01_align.ipynb) | median_px | 1.25 | — |") \
+        < body.index("| [02](figures/notebooks/02_demo.ipynb) | slope of N_S | -0.3512 | -1 |")
+    assert "| rounds |" not in body and "notes" not in body
+    assert "[`figures/RESULTS.md`](figures/RESULTS.md)" in body
+    # figures/RESULTS.md: every row, readme_rows over scalars, only numeric scalars
+    page = (figdir / "RESULTS.md").read_text()
+    assert page.index("### [01_align](notebooks/01_align.ipynb)\n") \
+        < page.index("### [02_demo](notebooks/02_demo.ipynb) — Sinusoid\n")
+    assert "| slope of N_S | -0.3512 | -1 |" in page and "| slope |" not in page
+    assert "| median_px | 1.25 | — |" in page and "| rounds | 3 | — |" in page
+    assert "| ok |" not in page and "| curve |" not in page and "notes" not in page
+    assert "profile `paper`, seeds 0, 1," in page
 
     report.update_readme(readme, figdir)  # idempotent
     assert readme.read_text() == text
+
+
+def test_headline_rows_are_picked_by_quantity(tmp_path, figdir, monkeypatch):
+    rows = [{"quantity": q, "ours": i, "paper": "p"} for i, q in enumerate(["size", "slope of N_S", "time"])]
+    report.write_metrics("02_demo", {"readme_rows": rows}, profile="paper", seeds=[0])
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    monkeypatch.setitem(report.HEADLINES, "02_demo", ("time", "slope"))
+    report.update_readme(readme, figdir)
+    body = readme.read_text().split(report.START)[1]
+    assert body.index("| time | 2 |") < body.index("| slope of N_S | 1 |") and "| size |" not in body
+    monkeypatch.setitem(report.HEADLINES, "02_demo", ("accuracy",))  # a renamed row is named, not skipped
+    with pytest.raises(ValueError, match="02_demo.json has 0 rows starting 'accuracy'"):
+        report.update_readme(readme, figdir)
 
 
 def test_update_readme_without_results(tmp_path):
@@ -174,7 +194,8 @@ CONTROL = {"noise_factor": 1.5, "noise_median_px": 11.036, "heldout_noise_median
                       {"round": 2, "median_px": 3.438, "heldout_median_px": 3.777}]}
 
 
-def test_paper_regime_line_from_the_control(tmp_path, figdir):
+def test_paper_regime_line_from_the_control(tmp_path, figdir, monkeypatch):
+    monkeypatch.delitem(report.HEADLINES, "01_alignment_cdf")  # these metrics have only the control
     readme = tmp_path / "README.md"
     readme.write_text(README + f"The paper's regime: {report.REGIME_START}old{report.REGIME_END}.\n")
     report.update_readme(readme, figdir)  # no metrics yet: the line is left alone

@@ -15,10 +15,13 @@ every estimator from it) are `counts_from_kernel` and friends. From a model, `ne
 never holds an N x N matrix: the hard and positive counts fold the blocks of
 `kernel.similarity_blocks` into per-row counts as they stream by, and `soft_density` needs no
 matrix at all: the soft count is a dot product with the sum of the normalised Jacobians
-(section 4.2), computed in two passes over the data, O(N d^2 p) time and O(chunk d p) memory.
+(section 4.2), computed in two passes over the data, O(N d^2 p) time and O(chunk d p) memory
+(or, when the normalised Jacobians fit in `max_cache_bytes`, one pass and that memory).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +41,15 @@ from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, simila
 from .params import ParamSpec
 
 ESTIMATORS = ("hard", "soft", "positive")
+#: `soft_density` keeps the first pass's normalised Jacobians (then the second pass is a dot
+#: product instead of a forward pass over the data) in at most this share of the device's memory.
+CACHE_MEMORY_SHARE = 0.25
+#: ... or in this many bytes where the device's memory cannot be read.
+FALLBACK_CACHE_BYTES = 2 * 2**30
 #: The options `neighbour_counts` passes on, per estimator (soft: `soft_density`'s; hard and
 #: positive: `similarity`'s, the kind and reduction being fixed).
-_SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group", "params", "targets_key")
+_SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group", "params", "targets_key",
+                         "max_cache_bytes")
 _MATRIX_OPTIONS = ("chunk_size", "max_block_bytes", "rtol", "on_zero", "method", "progress", "process_group",
                    "params", "targets_key")
 
@@ -199,6 +208,19 @@ def soft_normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) 
     return factor * scale[:, None, None]
 
 
+def default_cache_bytes(device: torch.device) -> int:
+    """`soft_density`'s default `max_cache_bytes`: `CACHE_MEMORY_SHARE` of the device's memory
+    (physical RAM for the CPU, total memory for a GPU), or `FALLBACK_CACHE_BYTES`."""
+    try:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):   # no sysconf (Windows), unknown name
+        return FALLBACK_CACHE_BYTES
+    return int(CACHE_MEMORY_SHARE * total)
+
+
 def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
     return engine.transform(rep, soft_normaliser(engine, rep, rtol, on_zero, offset))
 
@@ -207,17 +229,20 @@ def soft_density(model: nn.Module, xs, *, reference=None,
                  output_fn: OutputFn | None = None, targets: Tensor | None = None,
                  reference_targets: Tensor | None = None, chunk_size: int | None = None,
                  rtol: float | None = None, on_zero: str = "raise", method: str = "auto",
-                 process_group=None, params: ParamSpec = None, targets_key: str | None = None) -> Tensor:
+                 process_group=None, params: ParamSpec = None, targets_key: str | None = None,
+                 max_cache_bytes: int | None = None) -> Tensor:
     """The soft neighbour count N_S(x) = sum_x' k^C(x, x') without any N x N matrix.
 
     Two passes (paper section 4.2): first A = sum_x' Q(x') over the reference set, with
     Q(x') = K(x',x')^-1/2 J(x') / sqrt(rank) (for d = 1 simply g(x') / ||g(x')||); then
     N_S(x) = Tr(Q(x) A^T) for every query. Memory O(chunk + |A| + N d^2), independent of p x N:
     the gradient matrix is never held. With the layer-wise engine (`method="auto"` on ordinary
-    models) A is kept per layer. When the queries are the reference set (`reference=None`),
-    the first pass keeps each sample's d x d normaliser and the second pass runs in forward
-    mode: J(x) A^T is d `torch.func.jvp`s of the outputs along the rows of A, with no backward
-    pass and no per-sample gradient (benchmarked at 2.2-3x a training epoch, `bench/`).
+    models) A is kept per layer. When the queries are the reference set (`reference=None`):
+    if the first pass's Q(x) of every sample fit in `max_cache_bytes` they are kept, and the
+    second pass is the dot product alone, with no model evaluation; otherwise only each
+    sample's d x d normaliser is kept and the second pass runs in forward mode: J(x) A^T is d
+    `torch.func.jvp`s of the outputs along the rows of A, with no backward pass and no
+    per-sample gradient (benchmarked in `bench/`).
 
     Data and passes: `xs` and `reference` may be any data form of `netsim.data` (tensors,
     Datasets, DataLoaders, iterables of batches). `reference` is read once, then `xs` once;
@@ -237,6 +262,10 @@ def soft_density(model: nn.Module, xs, *, reference=None,
             have a known length.
         params: the parameters whose gradients define k^C (`netsim.params`; see `similarity`).
         targets_key: the key of the targets in dict batches.
+        max_cache_bytes: memory for keeping the normalised Jacobians between the passes when
+            `reference` is None (a non-negative int; 0 never keeps them; None: a quarter of the
+            device's memory, `default_cache_bytes`). The Jacobian engine takes d p values per
+            sample, the layer-wise one its factors (`bench/` reports both).
 
     Returns:
         `(N,)` soft counts.
@@ -247,6 +276,10 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     """
     queries, reference = check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol,
                                                  on_zero, method, params=params, targets_key=targets_key)
+    if max_cache_bytes is None:
+        max_cache_bytes = default_cache_bytes(model_device(model))
+    elif isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0:
+        raise ValueError(f"max_cache_bytes must be a non-negative int or None, got {max_cache_bytes!r}")
     same = reference is None
     if same:
         reference = queries
@@ -263,16 +296,20 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     else:
         offset = 0
     normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
+    kept = [] if same else None                 # Q per chunk, while they fit in max_cache_bytes
     if process_group is not None and reference.length == 0:  # an empty shard adds zeros of the right structure
         total = _normalised_sums(engine, whole_reference.rows(0, 1), rtol, on_zero, 0)
         for t in engine.sum_tensors(total):
             t.zero_()
     else:
-        total = _normalised_sums(engine, reference, rtol, on_zero, offset, normalisers)
+        total = _normalised_sums(engine, reference, rtol, on_zero, offset, normalisers, kept, max_cache_bytes)
     if process_group is not None:
         all_reduce_(engine.sum_tensors(total), process_group)
     counts = []
-    if same and queries.length != 0:
+    if same and kept and len(kept) == len(normalisers):   # every Q kept: no second pass over the data
+        for q in kept:
+            counts.append(engine.dot_with_sums(q, total).diagonal(dim1=-2, dim2=-1).sum(-1))
+    elif same and queries.length != 0:
         # Second pass in forward mode: J(x) A^T column by column, one jvp per output row of A.
         tangents = [engine.tangent(total, b) for b in range(normalisers[0].shape[1])]
         for (_, inputs, sub), factor in zip(queries.chunks(engine.chunk), normalisers):
@@ -309,15 +346,22 @@ def check_soft_density_call(model: nn.Module, xs, reference, targets: Tensor | N
     return queries, reference
 
 
-def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, normalisers: list | None = None) -> list:
-    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `source`, per layer;
-    appends each chunk's normalisers to `normalisers` when given."""
-    total = None
+def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, normalisers: list | None = None,
+                     kept: list | None = None, max_kept_bytes: int = 0) -> list:
+    """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `source`, per layer.
+
+    Appends each chunk's normalisers to `normalisers` when given, and each chunk's Q to `kept`
+    while their total stays within `max_kept_bytes` (past it, `kept` is emptied for good)."""
+    total, kept_bytes = None, 0
     for start, rep in engine_chunks(engine, source):
         factor = soft_normaliser(engine, rep, rtol, on_zero, offset + start)
         if normalisers is not None:
             normalisers.append(factor)
-        total = engine.add_sums(total, engine.summed(engine.transform(rep, factor)))
+        q = engine.transform(rep, factor)
+        if kept is not None and kept_bytes <= max_kept_bytes:
+            kept_bytes += engine.nbytes(q)
+            kept.append(q) if kept_bytes <= max_kept_bytes else kept.clear()
+        total = engine.add_sums(total, engine.summed(q))
     return total
 
 

@@ -64,6 +64,10 @@ class JacobianEngine:
         return rep.shape[0]
 
     @staticmethod
+    def nbytes(rep: Tensor) -> int:
+        return rep.numel() * rep.element_size()
+
+    @staticmethod
     def shape(rep: Tensor) -> tuple[int, int]:
         """(n samples, d outputs)."""
         return rep.shape[0], rep.shape[1]
@@ -163,6 +167,10 @@ class LayerwiseEngine:
     @staticmethod
     def size(rep: list) -> int:
         return LayerwiseEngine.shape(rep)[0]
+
+    @staticmethod
+    def nbytes(rep: list) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(rep))
 
     @staticmethod
     def shape(rep: list) -> tuple[int, int]:

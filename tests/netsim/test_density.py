@@ -1,5 +1,7 @@
 """Neighbour-count estimators: fast soft estimate vs dense, the paper's identities, input checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,8 +11,12 @@ from torch import nn
 import netsim
 from conftest import SmallCNN, mlp
 from netsim import density, outputs
+from netsim.engine import engine_for
+from netsim.grads import output_jvp
 
 METHODS = ("jacobian", "layerwise")
+#: soft_density's two second passes: the kept normalised Jacobians (default) or forward-mode jvps.
+CACHES = (None, 0)
 
 
 def _dense_rows(model, xs, **kw):
@@ -18,26 +24,46 @@ def _dense_rows(model, xs, **kw):
     return netsim.similarity_from_jacobians(netsim.per_sample_grads(model, xs, **kw)).sum(1)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("d", [1, 2])
-def test_fast_soft_estimate_equals_dense_row_sums(d, method):
+def test_fast_soft_estimate_equals_dense_row_sums(d, method, cache):
     model = mlp(d_out=d, seed=d)
     xs = torch.randn(40, 3)
-    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7, method=method), _dense_rows(model, xs),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7, method=method, max_cache_bytes=cache),
+                               _dense_rows(model, xs), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("method", METHODS)
-def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn(method):
+def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn(method, cache):
     model = mlp(d_out=5, hidden=12, seed=4)
     xs = torch.randn(30, 3)
     dense = _dense_rows(model, xs, output_fn=outputs.neg_log_softmax)
-    fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8, method=method)
+    fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8, method=method,
+                               max_cache_bytes=cache)
     torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-4)
     cnn = SmallCNN(d_out=2).eval()
     images = torch.randn(20, 1, 8, 8)
-    torch.testing.assert_close(netsim.soft_density(cnn, images, method=method), _dense_rows(cnn, images),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(netsim.soft_density(cnn, images, method=method, max_cache_bytes=cache),
+                               _dense_rows(cnn, images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_jacobians_skip_the_second_pass_until_they_overflow_the_budget(method, monkeypatch):
+    """Within max_cache_bytes the second pass evaluates nothing; one byte short of the whole first
+    pass, the kept chunks are dropped and the second pass runs its jvps: the same counts."""
+    jvps = []
+    monkeypatch.setattr(density, "output_jvp", lambda *a, **k: jvps.append(1) or output_jvp(*a, **k))
+    model, xs = mlp(d_out=2, seed=5).double(), torch.randn(23, 3, dtype=torch.float64)
+    expected = _dense_rows(model, xs)
+    engine = engine_for(model, xs[:5], chunk_size=5, method=method)
+    whole = sum(engine.nbytes(rep) for _, rep in engine.chunks(xs))   # 4 chunks of 5, then 3
+    for budget, chunks_with_jvps in ((whole, 0), (whole - 1, 5), (0, 5)):
+        jvps.clear()
+        counts = netsim.soft_density(model, xs, chunk_size=5, method=method, max_cache_bytes=budget)
+        torch.testing.assert_close(counts, expected, rtol=1e-10, atol=1e-10)
+        assert len(jvps) == 2 * chunks_with_jvps, budget      # d = 2 jvps per chunk
 
 
 def test_soft_estimate_against_a_separate_reference_set():
@@ -148,3 +174,16 @@ def test_soft_neighbour_counts_honour_the_engine_options():
     counts = netsim.neighbour_counts(model, xs, estimator="soft", on_zero="zero", method="jacobian")
     assert counts[1] == 0 and torch.isfinite(counts).all()
     torch.testing.assert_close(counts, netsim.similarity(model, xs, on_zero="zero").sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_default_cache_is_a_quarter_of_the_machines_memory(monkeypatch):
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():   # an independent reading of the same physical memory (kB)
+        total = int(next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")).split()[1])
+        assert density.default_cache_bytes(torch.device("cpu")) == pytest.approx(total * 1024 / 4, rel=0.02)
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(density.os, "sysconf", no_sysconf)
+    assert density.default_cache_bytes(torch.device("cpu")) == density.FALLBACK_CACHE_BYTES

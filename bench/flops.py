@@ -3,8 +3,9 @@ and a meter that times the engines' gram calls (the GEMM-efficiency goal)."""
 
 from __future__ import annotations
 
-import math
 import time
+
+import torch
 
 
 def bench_engine(b, method: str):
@@ -23,18 +24,16 @@ def similarity_plan(b, method: str) -> dict:
     a dense (conv / generic) layer with p_l parameters: 2 d p_l.
     """
     from netsim.grads import num_parameters
-    from netsim.kernel import DEFAULT_BLOCK_BYTES
+    from netsim.kernel import block_rows, memory_budget
     engine = bench_engine(b, method)
     d, itemsize = b.d, 4
-    per_sample = engine.bytes_per_sample(d, itemsize)
     if engine.name == "layerwise":
         from netsim import layerwise
         factors = layerwise.factorise(b.model, b.inputs[:1], b.output_fn, None if b.targets is None else b.targets[:1])
         pair_flops = sum(layer_pair_flops(f) for f in factors)
     else:
         pair_flops = 2 * d * num_parameters(b.model)
-    square = int(math.sqrt(DEFAULT_BLOCK_BYTES / (4 * d * d * itemsize)))
-    rows = max(engine.chunk, min(DEFAULT_BLOCK_BYTES // max(per_sample, 1), square))
+    rows = block_rows(engine, d, itemsize, memory_budget(None, torch.device("cpu")))
 
     def counts(n: int) -> tuple[int, int]:
         evals = pairs = 0

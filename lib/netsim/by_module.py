@@ -23,7 +23,6 @@ quadratic form in M) is not linear in M, so its parts would not add up: it is re
 
 from __future__ import annotations
 
-import math
 from itertools import chain, groupby
 
 from torch import Tensor, nn
@@ -32,12 +31,13 @@ from tqdm.auto import tqdm
 from .engine import JacobianEngine, LayerwiseEngine
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
-    DEFAULT_BLOCK_BYTES,
+    block_rows,
     check_similarity_call,
     data_output_dim,
     engine_chunks,
     engine_for_data,
     kernel_block,
+    memory_budget,
     place_block,
     prepare_columns,
     prepare_rows,
@@ -124,7 +124,7 @@ def similarity_by_module(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    max_block_bytes: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -183,10 +183,7 @@ def similarity_by_module(
     engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
     n, m = source_x.length, source_y.length
     first = next(iter(trainable_parameters(model, params).values()))
-    # Row blocks as in `similarity`: their prepared Jacobians and the gram temporaries fit the budget.
-    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
-    rows_per_block = max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, first.element_size()), 1),
-                                           square))
+    rows_per_block = block_rows(engine, d, first.element_size(), memory_budget(max_block_bytes, first.device))
     layerwise_engine = isinstance(engine, LayerwiseEngine)
     layout = None if layerwise_engine else jacobian_layout(model, params)
     grams = engine if layerwise_engine else _ColumnViews

@@ -21,8 +21,6 @@ matrix at all: the soft count is a dot product with the sum of the normalised Ja
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
@@ -37,15 +35,10 @@ from .data import Source, as_source
 from .distributed import all_reduce_, gather_rows, shard
 from .engine import check_engine_options
 from .grads import OutputFn, output_jvp, trainable_parameters
-from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, similarity_blocks
+from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, memory_budget, similarity_blocks
 from .params import ParamSpec
 
 ESTIMATORS = ("hard", "soft", "positive")
-#: `soft_density` keeps the first pass's normalised Jacobians (then the second pass is a dot
-#: product instead of a forward pass over the data) in at most this share of the device's memory.
-CACHE_MEMORY_SHARE = 0.25
-#: ... or in this many bytes where the device's memory cannot be read.
-FALLBACK_CACHE_BYTES = 2 * 2**30
 #: The options `neighbour_counts` passes on, per estimator (soft: `soft_density`'s; hard and
 #: positive: `similarity`'s, the kind and reduction being fixed).
 _SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group", "params", "targets_key",
@@ -208,19 +201,6 @@ def soft_normaliser(engine, rep, rtol: float | None, on_zero: str, offset: int) 
     return factor * scale[:, None, None]
 
 
-def default_cache_bytes(device: torch.device) -> int:
-    """`soft_density`'s default `max_cache_bytes`: `CACHE_MEMORY_SHARE` of the device's memory
-    (physical RAM for the CPU, total memory for a GPU), or `FALLBACK_CACHE_BYTES`."""
-    try:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):   # no sysconf (Windows), unknown name
-        return FALLBACK_CACHE_BYTES
-    return int(CACHE_MEMORY_SHARE * total)
-
-
 def _normalised(engine, rep, rtol: float | None, on_zero: str, offset: int):
     return engine.transform(rep, soft_normaliser(engine, rep, rtol, on_zero, offset))
 
@@ -264,7 +244,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
         targets_key: the key of the targets in dict batches.
         max_cache_bytes: memory for keeping the normalised Jacobians between the passes when
             `reference` is None (a non-negative int; 0 never keeps them; None: a quarter of the
-            device's memory, `default_cache_bytes`). The Jacobian engine takes d p values per
+            device's memory, `kernel.memory_budget`). The Jacobian engine takes d p values per
             sample, the layer-wise one its factors (`bench/` reports both).
 
     Returns:
@@ -276,10 +256,10 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     """
     queries, reference = check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol,
                                                  on_zero, method, params=params, targets_key=targets_key)
-    if max_cache_bytes is None:
-        max_cache_bytes = default_cache_bytes(model_device(model))
-    elif isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 0:
+    if max_cache_bytes is not None and (isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int)
+                                        or max_cache_bytes < 0):
         raise ValueError(f"max_cache_bytes must be a non-negative int or None, got {max_cache_bytes!r}")
+    max_cache_bytes = memory_budget(max_cache_bytes, model_device(model))
     same = reference is None
     if same:
         reference = queries

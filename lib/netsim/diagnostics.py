@@ -38,13 +38,13 @@ from .data import Source, as_source
 from .density import soft_count
 from .engine import check_engine_options
 from .grads import OutputFn, reduced_outputs, trainable_parameters
-from .kernel import DEFAULT_BLOCK_BYTES, data_output_dim, default_rtol, engine_chunks, engine_for_data
+from .kernel import data_output_dim, default_rtol, engine_chunks, engine_for_data, memory_budget
 from .params import ParamSpec
 
 
 def _check_call(model: nn.Module, xs, targets: Tensor | None, *, chunk_size=None, method: str = "auto",
                 other=None, other_targets: Tensor | None = None, other_name: str = "reference",
-                max_block_bytes: int = DEFAULT_BLOCK_BYTES, rtol=None, params: ParamSpec = None,
+                max_block_bytes: int | None = None, rtol=None, params: ParamSpec = None,
                 targets_key: str | None = None) -> tuple[Source, Source | None]:
     """The checks every function here runs before the model does; returns the data as `Source`s
     (`other`: None when not given)."""
@@ -303,7 +303,7 @@ def _value_dict(values: Mapping[str, Tensor] | None, n: int, d: int) -> dict[str
 def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None, *,
                 query_index: Tensor | None = None, second_moment: bool = True,
                 output_fn: OutputFn | None = None, targets: Tensor | None = None,
-                chunk_size: int | None = None, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+                chunk_size: int | None = None, max_block_bytes: int | None = None,
                 method: str = "auto", progress: bool = False, params: ParamSpec = None,
                 targets_key: str | None = None) -> KernelSums:
     """S_i = sum_j K_ij, sum_j K_ij a_j for several value sets a, and sum_j K_ij K_ij^T, in one pass.
@@ -361,7 +361,7 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
     engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
     first = next(iter(trainable_parameters(model, params).values()))
     per_sample = max(engine.bytes_per_sample(d, first.element_size()), 1)
-    rows_per_block = max(engine.chunk, max_block_bytes // per_sample)
+    rows_per_block = max(engine.chunk, memory_budget(max_block_bytes, first.device) // per_sample)
     q = rows.numel()
     total = torch.zeros(q, d, d, dtype=torch.float64)
     weighted = {k: torch.zeros(q, d, dtype=torch.float64) for k in vals}

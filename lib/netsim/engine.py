@@ -237,7 +237,7 @@ def check_engine_options(model: nn.Module, *, method: str, chunk_size: int | Non
     check_choice("method", method, METHODS)
     check_positive_int("chunk_size", chunk_size, optional=True)
     if max_block_bytes is not ...:
-        check_positive_int("max_block_bytes", max_block_bytes)
+        check_positive_int("max_block_bytes", max_block_bytes, optional=True)
     check_rtol(rtol)
     check_model(model)
     trainable_parameters(model, params)
@@ -251,7 +251,7 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     A probe factorises the first sample (a forward and d backward passes on it), after the
     model and the batch have been checked. If the layer-wise rules accept the model, `auto`
     then times both engines on the first `AUTO_PROBE_SAMPLES` samples (their representation
-    and its self gram, by `clock`) and keeps the faster; the choice is cached per model
+    and its self gram, by `clock`, each after an untimed warm-up) and keeps the faster; the choice is cached per model
     structure (module types, parameter names, shapes and trainability, d, sample shape, dtype,
     device and chunk size), so later calls on the same kind of model do not measure again.
 
@@ -290,16 +290,18 @@ def _faster(engines: list, inputs: Tensor, targets: Tensor | None, d: int, items
             clock: Callable[[], float]) -> str:
     """The name of the engine that builds and self-grams a chunk of `inputs` in the least `clock`
     time per sample (the first of equals). Each times up to `AUTO_PROBE_SAMPLES` samples, fewer
-    where their representation would exceed `AUTO_PROBE_BYTES`."""
+    where their representation would exceed `AUTO_PROBE_BYTES`, after an untimed run on one
+    sample: first-call costs (vmap's tracing, the first allocations) are not the engine's speed."""
     per_sample = []
     for engine in engines:
         n = AUTO_PROBE_BYTES // max(engine.bytes_per_sample(d, itemsize), 1)
         n = max(1, min(AUTO_PROBE_SAMPLES, n, inputs.shape[0]))
         with warnings.catch_warnings():   # torch's vmap performance notes are not the user's concern here
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            start = clock()
-            for _, rep in engine.chunks(inputs[:n], None if targets is None else targets[:n]):
-                engine.gram(rep, rep, True)
+            for timed, m in ((False, 1), (True, n)):
+                start = clock() if timed else None
+                for _, rep in engine.chunks(inputs[:m], None if targets is None else targets[:m]):
+                    engine.gram(rep, rep, True)
             per_sample.append((clock() - start) / n)
     return engines[min(range(len(engines)), key=per_sample.__getitem__)].name
 

@@ -50,7 +50,6 @@ from .density import soft_normaliser
 from .engine import LayerwiseEngine, check_engine_options
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
-    DEFAULT_BLOCK_BYTES,
     KINDS,
     ON_ZERO,
     data_output_dim,
@@ -67,6 +66,8 @@ from .sketch import Sketch, plan_sketch
 
 #: A sketch size that keeps the neighbours (top-10 recall against exact k^C, `bench/index.py`).
 DEFAULT_SKETCH = 1024
+#: Bytes of stored entries read per block of indexed samples by the queries.
+QUERY_BLOCK_BYTES = 512 * 2**20
 
 Rep = list  # a chunk's entries: LinearFactors / DenseFactors
 ENGINE = LayerwiseEngine  # the kernel operations on stored entries (static methods)
@@ -392,7 +393,7 @@ class SimilarityIndex:
     def _rows_per_block(self) -> int:
         itemsize = torch.empty(0, dtype=getattr(torch, self.manifest["settings"]["dtype"])).element_size()
         per_sample = self.manifest["values_per_sample"] * itemsize
-        return max(1, min(DEFAULT_BLOCK_BYTES // max(per_sample, 1), self.manifest["settings"]["shard_size"]))
+        return max(1, min(QUERY_BLOCK_BYTES // max(per_sample, 1), self.manifest["settings"]["shard_size"]))
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:

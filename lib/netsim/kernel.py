@@ -40,6 +40,7 @@ the ordinary range nothing is rescaled and the results are bit for bit those of 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from itertools import chain, groupby
 
@@ -66,8 +67,34 @@ KINDS = ("inner", "influence", "correlation")
 REDUCTIONS = ("trace", "rot", "none")
 ON_ZERO = ("raise", "zero")
 
-#: Bytes of Jacobians held for one block of rows in `similarity` (the columns stream by).
-DEFAULT_BLOCK_BYTES = 512 * 2**20
+#: By default one call fills at most this share of the device's memory with Jacobians:
+#: `similarity`'s row blocks (and those of the functions built like it), `soft_density`'s kept
+#: first pass. Fewer row blocks mean fewer passes over the columns.
+MEMORY_SHARE = 0.25
+#: ... or this many bytes where the device's memory cannot be read.
+FALLBACK_MEMORY_BYTES = 2 * 2**30
+
+
+def memory_budget(max_bytes: int | None, device: torch.device) -> int:
+    """`max_bytes`, or when None the default budget: `MEMORY_SHARE` of the device's memory
+    (physical RAM for the CPU, total memory for a GPU), `FALLBACK_MEMORY_BYTES` where unknown."""
+    if max_bytes is not None:
+        return max_bytes
+    try:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):   # no sysconf (Windows), unknown name
+        return FALLBACK_MEMORY_BYTES
+    return int(MEMORY_SHARE * total)
+
+
+def block_rows(engine, d: int, itemsize: int, max_block_bytes: int) -> int:
+    """Rows per block of `similarity`: the block's prepared Jacobians and its gram temporaries
+    (rows x chunk, rows x rows on the diagonal, d x d each) both fit `max_block_bytes`."""
+    square = int(math.sqrt(max_block_bytes / (4 * d * d * itemsize)))
+    return max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, itemsize), 1), square))
 
 
 class ZeroGradientError(ValueError):
@@ -386,7 +413,7 @@ def similarity_blocks(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    max_block_bytes: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -422,11 +449,7 @@ def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, outp
     engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
     n, m = source_x.length, source_y.length
     first = next(iter(trainable_parameters(model, params).values()))
-    per_sample = engine.bytes_per_sample(d, first.element_size())
-    # Row blocks hold their prepared Jacobians, and a block's gram temporaries are rows x chunk
-    # (rows x rows on the diagonal): both must fit the budget.
-    square = int(math.sqrt(max_block_bytes / (4 * d * d * first.element_size())))
-    rows_per_block = max(engine.chunk, min(max_block_bytes // max(per_sample, 1), square))
+    rows_per_block = block_rows(engine, d, first.element_size(), memory_budget(max_block_bytes, first.device))
     total = None
     if n is not None and m is not None:
         n_blocks = math.ceil(n / rows_per_block)
@@ -473,7 +496,7 @@ def similarity(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    max_block_bytes: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -514,7 +537,9 @@ def similarity(
         x_targets, y_targets: per-sample side information for `output_fn` (class labels), one
             row per sample of xs / ys (or carried by the batches).
         chunk_size: samples per Jacobian evaluation (a positive int; None: the engine's default).
-        max_block_bytes: memory for one row block of Jacobians (a positive int).
+        max_block_bytes: memory for one row block of Jacobians (a positive int; None: a quarter
+            of the device's memory, `memory_budget`). Each further row block costs one more
+            pass over the columns.
         rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x), in [0, 1).
         on_zero: "raise" (default) on samples with a zero gradient; "zero" gives them
             similarity 0 (not meaningful for "inner", which needs no normalisation).

@@ -1,7 +1,5 @@
 """Neighbour-count estimators: fast soft estimate vs dense, the paper's identities, input checks."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -174,16 +172,3 @@ def test_soft_neighbour_counts_honour_the_engine_options():
     counts = netsim.neighbour_counts(model, xs, estimator="soft", on_zero="zero", method="jacobian")
     assert counts[1] == 0 and torch.isfinite(counts).all()
     torch.testing.assert_close(counts, netsim.similarity(model, xs, on_zero="zero").sum(1), rtol=1e-5, atol=1e-5)
-
-
-def test_default_cache_is_a_quarter_of_the_machines_memory(monkeypatch):
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():   # an independent reading of the same physical memory (kB)
-        total = int(next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")).split()[1])
-        assert density.default_cache_bytes(torch.device("cpu")) == pytest.approx(total * 1024 / 4, rel=0.02)
-
-    def no_sysconf(name):
-        raise ValueError(name)
-
-    monkeypatch.setattr(density.os, "sysconf", no_sysconf)
-    assert density.default_cache_bytes(torch.device("cpu")) == density.FALLBACK_CACHE_BYTES

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from torch import nn
 
 import netsim
 from conftest import SmallCNN, mlp
-from netsim import outputs
+from netsim import kernel, outputs
+from netsim.engine import engine_for
 from netsim.kernel import ZeroGradientError, psd_power
 
 KINDS = ("inner", "influence", "correlation")
@@ -401,3 +403,34 @@ def test_rot_reduction_is_never_below_the_trace():
     tr = netsim.similarity(model, xs, ys, reduce="trace")
     rot = netsim.similarity(model, xs, ys, reduce="rot")
     assert (rot >= tr - 1e-6).all()
+
+
+def test_the_default_memory_budget_is_a_quarter_of_the_machines_memory(monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernel.memory_budget(12345, cpu) == 12345            # an explicit budget is kept
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():   # an independent reading of the same physical memory (kB)
+        total = int(next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal")).split()[1])
+        assert kernel.memory_budget(None, cpu) == pytest.approx(total * 1024 * kernel.MEMORY_SHARE, rel=0.02)
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(kernel.os, "sysconf", no_sysconf)
+    assert kernel.memory_budget(None, cpu) == kernel.FALLBACK_MEMORY_BYTES
+
+
+@pytest.mark.parametrize("method", ["jacobian", "layerwise"])
+def test_row_blocks_fill_the_budget_and_each_costs_a_pass_over_the_columns(method):
+    """With the budget of one sample per row block every block re-reads the columns; with the
+    default, 40 samples are one block. The kernels agree."""
+    model, xs = mlp(d_out=2, seed=9).double(), torch.randn(40, 3, dtype=torch.float64)
+    engine = engine_for(model, xs[:4], chunk_size=4, method=method)
+    assert kernel.block_rows(engine, 2, 8, kernel.memory_budget(None, torch.device("cpu"))) >= 40
+    assert kernel.block_rows(engine, 2, 8, 1) == 4                   # never below one chunk
+    one = list(kernel.similarity_blocks(model, xs, chunk_size=4, method=method))
+    many = list(kernel.similarity_blocks(model, xs, chunk_size=4, method=method, max_block_bytes=1))
+    assert len({rows.start for rows, *_ in one}) == 1 and len({rows.start for rows, *_ in many}) == 10
+    full = netsim.similarity(model, xs, chunk_size=4, method=method)
+    torch.testing.assert_close(netsim.similarity(model, xs, chunk_size=4, method=method, max_block_bytes=1), full,
+                               rtol=1e-12, atol=1e-12)

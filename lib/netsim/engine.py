@@ -251,9 +251,10 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     A probe factorises the first sample (a forward and d backward passes on it), after the
     model and the batch have been checked. If the layer-wise rules accept the model, `auto`
     then times both engines on the first `AUTO_PROBE_SAMPLES` samples (their representation
-    and its self gram, by `clock`, each after an untimed warm-up) and keeps the faster; the choice is cached per model
-    structure (module types, parameter names, shapes and trainability, d, sample shape, dtype,
-    device and chunk size), so later calls on the same kind of model do not measure again.
+    and its self gram, by `clock`, each after an untimed warm-up) and keeps the faster; the
+    choice is cached per model structure (module types, parameter names, shapes and
+    trainability, d, sample shape, dtype, device and chunk size), so later calls on the same
+    kind of model do not measure again.
 
     Raises:
         ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle

@@ -35,7 +35,15 @@ from .data import Source, as_source
 from .distributed import all_reduce_, gather_rows, shard
 from .engine import check_engine_options
 from .grads import OutputFn, output_jvp, trainable_parameters
-from .kernel import ON_ZERO, engine_chunks, engine_for_data, left_factor, memory_budget, similarity_blocks
+from .kernel import (
+    ON_ZERO,
+    engine_chunks,
+    engine_for_data,
+    left_factor,
+    memory_budget,
+    shared_method,
+    similarity_blocks,
+)
 from .params import ParamSpec
 
 ESTIMATORS = ("hard", "soft", "positive")
@@ -161,6 +169,8 @@ def neighbour_counts(model: nn.Module, xs, *, estimator: str = "hard", tau: floa
     check_data(model, source)
     if source.length is None:
         raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+    options["method"] = shared_method(model, source, output_fn, options.get("chunk_size"),
+                                      options.get("method", "auto"), options.get("params"), group)
     rows = shard(source.length, group)
     if rows.start < rows.stop:
         local = _streamed_counts(model, source.rows(rows.start, rows.stop), source, None, rows.start,
@@ -263,6 +273,8 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     same = reference is None
     if same:
         reference = queries
+    if process_group is not None:   # every rank must add up the same representation
+        method = shared_method(model, queries, output_fn, chunk_size, method, params, process_group)
     engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
     n_queries = queries.length
     if process_group is not None:

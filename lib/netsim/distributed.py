@@ -37,3 +37,11 @@ def gather_rows(local: Tensor, n: int, group) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     return torch.cat(parts)[:n]
+
+
+def rank0_choice(choice: str, options: tuple[str, ...], group, device) -> str:
+    """Rank 0's `choice` on every rank: a choice each rank makes by itself (`method="auto"`
+    times the engines) must be the same everywhere, or the ranks' collectives would not match."""
+    index = torch.tensor([options.index(choice)], device=device)
+    dist.broadcast(index, src=dist.get_global_rank(group, 0), group=group)
+    return options[int(index.item())]

@@ -58,7 +58,7 @@ from .checks import (
     nonfinite_rows,
 )
 from .data import Source, TensorSource, as_source
-from .distributed import gather_rows, shard
+from .distributed import gather_rows, rank0_choice, shard
 from .engine import AUTO_PROBE_SAMPLES, JacobianEngine, check_engine_options, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
 from .params import ParamSpec
@@ -600,10 +600,21 @@ def place_block(out: Tensor, rows: slice, cols: slice, block: Tensor, mirrored: 
         out[cols, rows] = _transpose_block(block, reduce)
 
 
+def shared_method(model, source: Source, output_fn, chunk_size, method: str, params, group) -> str:
+    """The engine every rank of `group` uses: `method`, or for "auto" the one rank 0 measured
+    (each rank timing its own could pick differently, and then their partial sums differ)."""
+    if method != "auto":
+        return method
+    name = engine_for_data(model, source, output_fn, chunk_size, method, params).name
+    return rank0_choice(name, ("layerwise", "jacobian"), group, model_device(model))
+
+
 def _sharded_similarity(model, source_x: Source, source_y: Source | None, group, options) -> Tensor:
     """This rank's rows of the similarity, all-gathered into the full matrix on every rank."""
     if source_x.length is None or (source_y is not None and source_y.length is None):
         raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+    options = dict(options, method=shared_method(model, source_x, options["output_fn"], options["chunk_size"],
+                                                 options["method"], options["params"], group))
     n = source_x.length
     if source_y is None:
         source_y = source_x

@@ -18,10 +18,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, n, results):
+def _worker(rank, world, port, n, results, split_auto=False):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        if split_auto:   # auto's timing picks a different engine on each rank
+            netsim.engine._faster = lambda engines, *args: engines[rank % 2].name
         model, xs = mlp(d_out=2, seed=7), torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
         group = dist.group.WORLD
         out = {"soft": netsim.soft_density(model, xs, process_group=group, chunk_size=5),
@@ -35,11 +37,13 @@ def _worker(rank, world, port, n, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, n", [(2, 23), (3, 2)])   # uneven shards; a rank with no rows
-def test_sharded_results_equal_single_process(world, n):
+@pytest.mark.parametrize("world, n, split_auto", [(2, 23, False), (3, 2, False),   # uneven shards; a rank with no rows
+                                                  (2, 23, True)])   # ranks whose auto timing disagrees use rank 0's
+def test_sharded_results_equal_single_process(world, n, split_auto):
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(world, _free_port(), n, results), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, _free_port(), n, results, split_auto), nprocs=world,
+                       start_method="spawn")
     model, xs = mlp(d_out=2, seed=7), torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
     expected = {"soft": netsim.soft_density(model, xs), "soft_jac": netsim.soft_density(model, xs),
                 "kc": netsim.similarity(model, xs),

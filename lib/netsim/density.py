@@ -352,7 +352,10 @@ def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, no
         q = engine.transform(rep, factor)
         if kept is not None and kept_bytes <= max_kept_bytes:
             kept_bytes += engine.nbytes(q)
-            kept.append(q) if kept_bytes <= max_kept_bytes else kept.clear()
+            if kept_bytes <= max_kept_bytes:
+                kept.append(q)
+            else:
+                kept.clear()
         total = engine.add_sums(total, engine.summed(q))
     return total
 

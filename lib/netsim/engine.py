@@ -141,7 +141,7 @@ class LayerwiseEngine:
         # Whether the forward modifies recorded tensors in place (found by the probe): this
         # engine's chunks then record copies from the start, without a second forward.
         self.copy_records = copy_records
-        self.sample_bytes = sum(t.numel() * t.element_size() for t in _tensors(probe)) if probe else 0
+        self.sample_bytes = self.nbytes(probe) if probe else 0
         self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
 
     def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:

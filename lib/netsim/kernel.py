@@ -59,7 +59,7 @@ from .checks import (
 )
 from .data import Source, TensorSource, as_source
 from .distributed import gather_rows, rank0_choice, shard
-from .engine import AUTO_PROBE_SAMPLES, JacobianEngine, check_engine_options, engine_for
+from .engine import AUTO_PROBE_SAMPLES, METHODS, JacobianEngine, check_engine_options, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
 from .params import ParamSpec
 
@@ -606,7 +606,7 @@ def shared_method(model, source: Source, output_fn, chunk_size, method: str, par
     if method != "auto":
         return method
     name = engine_for_data(model, source, output_fn, chunk_size, method, params).name
-    return rank0_choice(name, ("layerwise", "jacobian"), group, model_device(model))
+    return rank0_choice(name, METHODS[1:], group, model_device(model))   # the engines, without "auto"
 
 
 def _sharded_similarity(model, source_x: Source, source_y: Source | None, group, options) -> Tensor:

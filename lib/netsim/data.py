@@ -14,10 +14,12 @@ tensors passed to the model as keyword arguments, its targets taken from the key
 tensors ("keyword inputs"), every tensor batched along dim 0.
 
 `as_source` wraps any of these in a `Source`, whose `chunks(size)` yields `(offset, inputs,
-targets)` in the data's order with exactly `size` samples per chunk (the last may be shorter):
+targets)` in the data's order with `size` samples per chunk (the last may be shorter):
 a loader's batches are cut and joined to the engines' chunk size, so the results equal those of
 one tensor and memory stays bounded by the chunk size (data is never concatenated beyond one
-chunk). Data that is not a tensor is moved to the model's device chunk by chunk; a tensor must
+chunk). Batches of different sample shapes (dynamic padding: each batch of token ids padded to
+its own length, as `transformers`' `DataCollatorWithPadding` does) are never joined: a chunk
+also ends where the shape changes, and may then hold fewer than `size` samples. Data that is not a tensor is moved to the model's device chunk by chunk; a tensor must
 already be there (as before). Each `chunks` call is one pass over the data: a one-shot iterator
 (a generator) supports one pass, and a function that needs more says so before the model runs.
 """
@@ -178,6 +180,11 @@ class Source:
                         break
                     continue
                 inputs, targets = index_inputs(inputs, slice(lo, hi)), None if targets is None else targets[lo:hi]
+            if pending and _sample_shapes(pending[-1][0]) != _sample_shapes(inputs):   # dynamic padding
+                yield start, _to(_cat([p[0] for p in pending]), self.device), _to(_cat([p[1] for p in pending]),
+                                                                                  self.device)
+                start += held
+                pending, held = [], 0
             pending.append((inputs, targets))
             held += hi - lo
             while held >= (want := _chunk_length(size, block, start - origin)):  # cut and join to chunks
@@ -214,9 +221,9 @@ class Source:
             for r in range(input_rows(inputs)):
                 for k in wanted.get(offset + r, ()):
                     picked[k] = (index_inputs(inputs, slice(r, r + 1)), None if targets is None else targets[r:r + 1])
-        batch = (_cat([p[0] for p in picked]), _cat([p[1] for p in picked]))
-        return IterableSource(self.name, [batch if batch[1] is not None else batch[0]], None, None, self.device,
-                              batched=True)
+        # One batch per sample: the chunks join them again, except across sample shapes (dynamic padding).
+        batches = [p if p[1] is not None else p[0] for p in picked]
+        return IterableSource(self.name, batches, None, None, self.device, batched=True)
 
     def first(self, n: int = 1) -> tuple[Inputs, Tensor | None]:
         """The first `n` samples (fewer if there are not as many), inputs and targets; not counted
@@ -326,6 +333,13 @@ class _Rows(Source):
         stop = self.length if stop is None else min(stop, self.length)
         for offset, inputs, targets in self.parent.chunks(size, self.start + start, self.start + stop, block=block):
             yield offset - self.start, inputs, targets
+
+
+def _sample_shapes(inputs: Inputs) -> tuple:
+    """The shape of one sample of each input tensor (what batches must share to be joined)."""
+    if isinstance(inputs, Tensor):
+        return tuple(inputs.shape[1:])
+    return tuple((k, tuple(v.shape[1:])) for k, v in inputs.items())
 
 
 def _chunk_length(size: int, block: int | None, done: int) -> int:

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int, check_rtol
-from .grads import DEFAULT_CHUNK, OutputFn, iter_jacobians, num_parameters, trainable_parameters
+from .data import Inputs, index_inputs, input_rows
+from .grads import DEFAULT_CHUNK, OutputFn, VmapFallbackWarning, iter_jacobians, num_parameters, trainable_parameters
 from .params import ParamSpec
 
 METHODS = ("auto", "layerwise", "jacobian")
@@ -53,7 +54,7 @@ class JacobianEngine:
         self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or DEFAULT_CHUNK
         self.params = params  # the selected parameters (`netsim.params`)
 
-    def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+    def chunks(self, inputs: Inputs, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
         yield from iter_jacobians(self.model, inputs, self.output_fn, self.chunk, targets, params=self.params)
 
     def bytes_per_sample(self, d: int, itemsize: int) -> int:
@@ -144,12 +145,12 @@ class LayerwiseEngine:
         self.sample_bytes = self.nbytes(probe) if probe else 0
         self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
 
-    def chunks(self, inputs: Tensor, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
-        for start in range(0, inputs.shape[0], self.chunk):
+    def chunks(self, inputs: Inputs, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
+        for start in range(0, input_rows(inputs), self.chunk):
             sub = None if targets is None else targets[start:start + self.chunk]
             try:  # once copies were needed they are made from the start; until then, checked per chunk
                 factors, self.copy_records = layerwise.factorise_layout(
-                    self.model, inputs[start:start + self.chunk], self.output_fn, sub,
+                    self.model, index_inputs(inputs, slice(start, start + self.chunk)), self.output_fn, sub,
                     copy=True if self.copy_records else None, params=self.params)
             except NonFiniteError as error:
                 raise error.shifted(start) from None
@@ -243,7 +244,7 @@ def check_engine_options(model: nn.Module, *, method: str, chunk_size: int | Non
     trainable_parameters(model, params)
 
 
-def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto",
                clock: Callable[[], float] = time.perf_counter, params: ParamSpec = None):
     """The engine to use for this model: the faster exact one (auto, measured), or as asked.
@@ -256,6 +257,12 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     trainability, d, sample shape, dtype, device and chunk size), so later calls on the same
     kind of model do not measure again.
 
+    `auto` survives an engine failing at any point of its probe: an engine that raises (the
+    layer-wise rules refusing the model, `UnsupportedModel`, silently; any other error with a
+    one-line `EngineFailedWarning` naming it) is left out, and the others are timed. A data
+    error (`NonFiniteError`) is the data's, not the engine's: it propagates. When every engine
+    fails, the Jacobian engine's error propagates.
+
     Raises:
         ValueError: unknown method; `method="layerwise"` on a model the rules cannot handle
             (`layerwise.UnsupportedModel`, naming the module, e.g. an LSTM).
@@ -264,53 +271,79 @@ def engine_for(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = No
     check_model(model)
     check_batch(model, inputs, targets)
     check_positive_int("chunk_size", chunk_size, optional=True)
+    jacobian = JacobianEngine(model, output_fn, chunk_size, params)
     if method == "jacobian":
-        return JacobianEngine(model, output_fn, chunk_size, params)
-    try:
-        probe, copy = layerwise.factorise_layout(model, inputs[:1], output_fn,
-                                                 None if targets is None else targets[:1], params=params)
-    except layerwise.UnsupportedModel:
-        if method == "layerwise":
-            raise
-        return JacobianEngine(model, output_fn, chunk_size, params)
-    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
+        return jacobian
+    first = None if targets is None else targets[:1]
     if method == "layerwise":
-        return engine
+        probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
+                                                 params=params)
+        return LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
+    try:
+        probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
+                                                 params=params)
+    except Exception as error:  # noqa: BLE001 -- any engine failure: auto goes on without it
+        _left_out("layerwise", error)
+        return jacobian
+    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
     d, itemsize = LayerwiseEngine.shape(probe)[1], _tensors(probe)[0].element_size()
     key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
     if key not in _AUTO_CHOICES:
-        _AUTO_CHOICES[key] = _faster([engine, JacobianEngine(model, output_fn, chunk_size, params)], inputs, targets,
-                                     d, itemsize, clock)
+        _AUTO_CHOICES[key] = _faster([engine, jacobian], inputs, targets, d, itemsize, clock)
         if len(_AUTO_CHOICES) > AUTO_CACHE_SIZE:
             _AUTO_CHOICES.popitem(last=False)
     _AUTO_CHOICES.move_to_end(key)
-    return engine if _AUTO_CHOICES[key] == engine.name else JacobianEngine(model, output_fn, chunk_size, params)
+    return engine if _AUTO_CHOICES[key] == engine.name else jacobian
 
 
-def _faster(engines: list, inputs: Tensor, targets: Tensor | None, d: int, itemsize: int,
+class EngineFailedWarning(UserWarning):
+    """`method="auto"` left out an engine that raised on this model."""
+
+
+def _left_out(name: str, error: Exception) -> None:
+    """Lets `auto` go on without the engine `name` that raised `error` (a data error propagates)."""
+    if isinstance(error, NonFiniteError):
+        raise error
+    if not isinstance(error, layerwise.UnsupportedModel):  # a refusal is expected; anything else is news
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        warnings.warn(f"netsim: the {name} engine failed on this model ({type(error).__name__}: {first_line}); "
+                      "method='auto' goes on without it", EngineFailedWarning, stacklevel=4)
+
+
+def _faster(engines: list, inputs: Inputs, targets: Tensor | None, d: int, itemsize: int,
             clock: Callable[[], float]) -> str:
     """The name of the engine that builds and self-grams a chunk of `inputs` in the least `clock`
-    time per sample (the first of equals). Each times up to `AUTO_PROBE_SAMPLES` samples, fewer
-    where their representation would exceed `AUTO_PROBE_BYTES`, after an untimed run on one
-    sample: first-call costs (vmap's tracing, the first allocations) are not the engine's speed."""
-    per_sample = []
-    for engine in engines:
+    time per sample (the first of equals), among those that run. Each times up to
+    `AUTO_PROBE_SAMPLES` samples, fewer where their representation would exceed
+    `AUTO_PROBE_BYTES`, after an untimed run on one sample: first-call costs (vmap's tracing,
+    the first allocations) are not the engine's speed. An engine that raises is left out
+    (`_left_out`); if all do, the last one's error propagates."""
+    per_sample = {}
+    for k, engine in enumerate(engines):
         n = AUTO_PROBE_BYTES // max(engine.bytes_per_sample(d, itemsize), 1)
-        n = max(1, min(AUTO_PROBE_SAMPLES, n, inputs.shape[0]))
-        with warnings.catch_warnings():   # torch's vmap performance notes are not the user's concern here
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            for timed, m in ((False, 1), (True, n)):
-                start = clock() if timed else None
-                for _, rep in engine.chunks(inputs[:m], None if targets is None else targets[:m]):
-                    engine.gram(rep, rep, True)
-            per_sample.append((clock() - start) / n)
-    return engines[min(range(len(engines)), key=per_sample.__getitem__)].name
+        n = max(1, min(AUTO_PROBE_SAMPLES, n, input_rows(inputs)))
+        try:
+            with warnings.catch_warnings():   # the notes of an engine being timed are not the user's concern
+                warnings.simplefilter("ignore", VmapFallbackWarning)
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                for timed, m in ((False, 1), (True, n)):
+                    start = clock() if timed else None
+                    for _, rep in engine.chunks(index_inputs(inputs, slice(0, m)),
+                                                None if targets is None else targets[:m]):
+                        engine.gram(rep, rep, True)
+                per_sample[k] = (clock() - start) / n
+        except Exception as error:  # noqa: BLE001 -- auto chooses among the engines that work
+            if k == len(engines) - 1 and not per_sample:
+                raise
+            _left_out(engine.name, error)
+    return engines[min(per_sample, key=per_sample.__getitem__)].name
 
 
-def _structure_key(model: nn.Module, inputs: Tensor, targets: Tensor | None, chunk_size: int | None,
+def _structure_key(model: nn.Module, inputs: Inputs, targets: Tensor | None, chunk_size: int | None,
                    d: int) -> tuple:
     """What the relative speed of the engines depends on, without holding the model."""
     modules = tuple(type(m) for m in model.modules())
     params = tuple((name, tuple(p.shape), p.requires_grad) for name, p in model.named_parameters())
-    return (modules, params, d, tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type, targets is None,
-            chunk_size)
+    tensors = sorted(inputs.items()) if isinstance(inputs, dict) else [("", inputs)]
+    samples = tuple((k, tuple(v.shape[1:]), v.dtype, v.device.type) for k, v in tensors)
+    return (modules, params, d, samples, targets is None, chunk_size)

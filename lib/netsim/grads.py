@@ -9,11 +9,15 @@ them at once.
 
 from __future__ import annotations
 
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import (
     NonFiniteError,
@@ -64,6 +68,27 @@ def output_dim(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
                            None if targets is None else targets[:1]).shape[1]
 
 
+@contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Runs attention by its plain, differentiable operations inside the block; settings restored after.
+
+    In eval mode without gradients, `nn.TransformerEncoderLayer` and `nn.MultiheadAttention`
+    run `torch._transformer_encoder_layer_fwd` / `_native_multi_head_attention`, which bypass
+    their submodules' hooks and have no forward-mode AD rule (`torch.func.jvp` fails with
+    NotImplementedError); `torch.backends.mha.set_fastpath_enabled(False)` turns that fast path
+    off. The ordinary path then calls `scaled_dot_product_attention`, whose fused CPU kernels
+    have no forward-mode rule either: `sdpa_kernel(SDPBackend.MATH)` keeps it to the math
+    backend. Both compute the same function.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def run_model(model: nn.Module, inputs: Inputs):
     """`model(inputs)`, or `model(**inputs)` for keyword inputs (a dict batch)."""
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
@@ -106,7 +131,8 @@ def _functional_output(model: nn.Module, output_fn: OutputFn | None, selected: d
     """`output(params, x, t=None) -> (B, d)`: the reduced model output as a function of the
     selected parameters (the others and the buffers held fixed). `x` may be keyword inputs."""
     buffers = dict(model.named_buffers())
-    fixed = {n: p for n, p in model.named_parameters() if n not in selected}
+    # Detached: the unselected parameters are constants, so no result carries a graph into them.
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
 
     def output(params, x, t=None):
         if isinstance(x, dict):
@@ -138,6 +164,61 @@ def _single_sample_jacobian(model: nn.Module, output_fn: OutputFn | None, with_t
     if with_targets:
         return jacrev(output, chunk_size=1)
     return jacrev(lambda params, x: output(params, x), chunk_size=1)
+
+
+class VmapFallbackWarning(UserWarning):
+    """The model cannot run under `torch.func.vmap`: its Jacobians are computed one sample at a time."""
+
+
+class _BatchedJacobian:
+    """`(params, x, t) -> {name: (n, d, *param.shape)}`: per-sample Jacobians of a chunk, vmapped.
+
+    A forward with data-dependent control flow (`if mask.all():`, `.item()`, as in Hugging Face
+    `transformers`' mask helpers) cannot run under vmap. Then, once per call, a
+    `VmapFallbackWarning` names the line, and every chunk is computed one sample at a time:
+    the same exact Jacobians, slower (`method="layerwise"` runs the batch as it is).
+    """
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn | None, selected: dict[str, Tensor]):
+        self.model, self.output_fn, self.selected = model, output_fn, selected
+        self.single: dict[bool, Callable] = {}
+        self.loop = False
+
+    def __call__(self, params: dict[str, Tensor], x: Inputs, t: Tensor | None) -> dict[str, Tensor]:
+        with_targets = t is not None
+        if with_targets not in self.single:
+            self.single[with_targets] = _single_sample_jacobian(self.model, self.output_fn, with_targets,
+                                                                self.selected)
+        jac = self.single[with_targets]
+        args = (x,) if t is None else (x, t)
+        if not self.loop:
+            try:
+                with unfused_attention(), warnings.catch_warnings():
+                    # torch's note that a fused kernel has no batching rule: MATH attention avoids it
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                    return vmap(jac, in_dims=(None,) + (0,) * len(args))(params, *args)
+            except RuntimeError as error:
+                if "vmap" not in str(error) or "data-dependent control flow" not in str(error):
+                    raise
+                warnings.warn(f"netsim: the model cannot run under torch.func.vmap (data-dependent control flow "
+                              f"at {_cause(error)}): the Jacobian engine computes one sample at a time (exact, "
+                              "slower); method='layerwise' runs the batch as it is", VmapFallbackWarning,
+                              stacklevel=4)
+                self.loop = True
+        rows = [jac(params, *(index_inputs(a, i) if isinstance(a, dict) else a[i] for a in args))
+                for i in range(input_rows(x))]
+        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+
+
+def _cause(error: BaseException) -> str:
+    """`file:line in function` of the deepest frame of `error` outside torch (the model's code)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return "an unknown place"
+    frame = frames[-1]
+    parts = frame.filename.replace("\\", "/").split("/")
+    where = "/".join(parts[-2:])
+    return f"{where}:{frame.lineno} in {frame.name}"
 
 
 def iter_jacobians(
@@ -178,13 +259,10 @@ def iter_jacobians(
     selected = trainable_parameters(model, params)
     # jacrev differentiates w.r.t. these detached copies, so no graph reaches the model.
     detached = {n: p.detach() for n, p in selected.items()}
-    batched = {}
+    jacobians = _BatchedJacobian(model, output_fn, selected)
     for start, x, t in source.chunks(chunk_size or DEFAULT_CHUNK):
         check_batch(model, x, t)
-        if (t is not None) not in batched:
-            jac = _single_sample_jacobian(model, output_fn, t is not None, selected)
-            batched[t is not None] = vmap(jac, in_dims=(None, 0, 0) if t is not None else (None, 0))
-        per_param = batched[t is not None](detached, x) if t is None else batched[True](detached, x, t)
+        per_param = jacobians(detached, x, t)
         n, d = input_rows(x), next(iter(per_param.values())).shape[1]
         J = torch.cat([per_param[name].reshape(n, d, -1) for name in selected], dim=2)
         bad = nonfinite_rows(J)
@@ -199,7 +277,7 @@ def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], out
 
     One forward-mode pass (`torch.func.jvp`) over the batch: no backward pass, no per-sample
     gradient. The rows of J(x) v are the dot products of the per-sample gradients with v.
-    Attention runs by its plain operations (`layerwise.unfused_attention`): the fused kernels
+    Attention runs by its plain operations (`unfused_attention`): the fused kernels
     have no forward-mode rule.
 
     Args:
@@ -225,8 +303,6 @@ def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], out
             raise ValueError(f"tangent[{name!r}] must be a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}")
     output = _functional_output(model, output_fn, selected)
     primals = {k: v.detach() for k, v in selected.items()}
-    from .layerwise import unfused_attention  # layerwise builds on this module
-
     with unfused_attention():  # PyTorch's fused attention kernels have no forward-mode rule
         jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
     bad = nonfinite_rows(jv)

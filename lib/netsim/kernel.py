@@ -339,16 +339,11 @@ def _transpose_block(block: Tensor, reduce: str) -> Tensor:
 def engine_for_data(model: nn.Module, source: Source, output_fn: OutputFn | None, chunk_size: int | None,
                     method: str, params: ParamSpec = None):
     """`engine.engine_for` probed on `source`: the whole tensor for a tensor (as `engine_for` is
-    called on tensors), else its first `AUTO_PROBE_SAMPLES` samples. Keyword (dict) inputs go to
-    the Jacobian engine (the layer-wise rules record one tensor input per module call)."""
+    called on tensors), else its first `AUTO_PROBE_SAMPLES` samples."""
     if isinstance(source, TensorSource):
         inputs, targets = source.data, source.targets
     else:
         inputs, targets = source.first(AUTO_PROBE_SAMPLES)
-    if isinstance(inputs, dict):
-        if method == "layerwise":
-            raise ValueError("method='layerwise' does not take keyword (dict) inputs: use 'auto' or 'jacobian'")
-        method = "jacobian"
     return engine_for(model, inputs, output_fn, targets, chunk_size, method, params=params)
 
 

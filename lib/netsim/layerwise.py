@@ -51,8 +51,8 @@ avoid forming, storing and multiplying p-long vectors.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -60,10 +60,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
-from .grads import OutputFn, nonfinite_error, trainable_parameters
+from .data import Inputs, input_rows
+from .grads import OutputFn, nonfinite_error, run_model, trainable_parameters, unfused_attention
 from .params import ParamSpec
 
 
@@ -102,7 +102,9 @@ def _param_modules(model: nn.Module, params: ParamSpec = None) -> list[tuple[str
     """Modules owning trainable parameters directly, with those parameters; checks ownership.
 
     A composite module (`_COMPOSITES`: MultiheadAttention) owns its children's parameters too
-    (`out_proj.weight`...), in `named_parameters` order, and its children are not owners."""
+    (`out_proj.weight`...), in `named_parameters` order, and its children are not owners. A
+    parameter may have several owners (tied weights, e.g. GPT-2's `lm_head` and token embedding):
+    its gradient is the sum of their entries (`_merge_tied`)."""
     selected = trainable_parameters(model, params)
     chosen = {id(p) for p in selected.values()}
     owners, seen, inside = [], {}, []
@@ -115,36 +117,15 @@ def _param_modules(model: nn.Module, params: ParamSpec = None) -> list[tuple[str
             inside.append(f"{name}." if name else "")
         if not direct:
             continue
-        for p in direct.values():
-            if id(p) in seen:
-                raise UnsupportedModel(f"parameter shared by {seen[id(p)]!r} and {name!r}")
-            seen[id(p)] = name
+        if id(module) in seen:   # one module registered under two names: it would be recorded twice
+            raise UnsupportedModel(f"module {name!r} is also registered as {seen[id(module)]!r}")
+        seen[id(module)] = name
         owners.append((name, module, direct))
     total = sum(p.numel() for p in selected.values())
-    if sum(p.numel() for _, _, d in owners for p in d.values()) != total:
+    owned = {id(p): p for _, _, d in owners for p in d.values()}
+    if sum(p.numel() for p in owned.values()) != total:
         raise UnsupportedModel("some trainable parameters are not owned by a module")
     return owners
-
-
-@contextmanager
-def unfused_attention() -> Iterator[None]:
-    """Runs attention by its plain, differentiable operations inside the block; settings restored after.
-
-    In eval mode without gradients, `nn.TransformerEncoderLayer` and `nn.MultiheadAttention`
-    run `torch._transformer_encoder_layer_fwd` / `_native_multi_head_attention`, which bypass
-    their submodules' hooks and have no forward-mode AD rule (`torch.func.jvp` fails with
-    NotImplementedError); `torch.backends.mha.set_fastpath_enabled(False)` turns that fast path
-    off. The ordinary path then calls `scaled_dot_product_attention`, whose fused CPU kernels
-    have no forward-mode rule either: `sdpa_kernel(SDPBackend.MATH)` keeps it to the math
-    backend. Both compute the same function.
-    """
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
 
 
 class InPlaceModified(UnsupportedModel):
@@ -152,7 +133,7 @@ class InPlaceModified(UnsupportedModel):
     (e.g. a Conv2d followed by ReLU(inplace=True)): record with copies (`copy=True`)."""
 
 
-def _record(model: nn.Module, inputs: Tensor, owners, copy: bool | None) -> tuple[Tensor, list, bool]:
+def _record(model: nn.Module, inputs: Inputs, owners, copy: bool | None) -> tuple[Tensor, list, bool]:
     """Forward pass recording each owner's (input, output); checks each runs exactly once.
 
     When a later operation modifies an owner's output or input in place (ReLU(inplace=True)
@@ -196,22 +177,29 @@ def without_inplace(model: nn.Module) -> nn.Module:
     return out
 
 
-def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
+def _forward_recording(model: nn.Module, inputs: Inputs, owners, copy: bool):
     """One recorded forward: (output, [[(input, output), ...] per owner], name of the first
     owner whose recorded tensors were modified in place afterwards or None). Plain owners
     record one (input, output) pair by a forward hook; composite owners run their recording
     forward (`_COMPOSITES`), which records one pair per linear map."""
     records: dict[int, list] = {id(m): [] for _, m, _ in owners}
     names = {id(m): name for name, m, _ in owners}
-    batch = inputs.shape[0]
+    batch = input_rows(inputs)
 
     def hook(module, args, output):
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise UnsupportedModel(f"{type(module).__name__} {names[id(module)]!r} takes or returns more than one "
                                    "tensor: no layer-wise rule (method='jacobian' handles it)")
+        x, broadcast = args[0], False
+        if batch > 1 and x.ndim > 0 and x.shape[0] == 1 and output.ndim > 0 and output.shape[0] == 1:
+            # One row shared by the batch (position ids `(1, T)` in Hugging Face models, added to
+            # every sample's embeddings): expanded here, so each sample gets its own output row to
+            # differentiate against, the same values, and the rest of the forward sees (batch, ...).
+            x, output, broadcast = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:]), True
         call = []
         records[id(module)].append(call)
-        return _keep(call, args[0], output, copy)
+        replacement = _keep(call, x, output, copy)
+        return output if replacement is None and broadcast else replacement
 
     handles, patched = [], {}
     for _, m, _ in owners:
@@ -222,7 +210,7 @@ def _forward_recording(model: nn.Module, inputs: Tensor, owners, copy: bool):
             handles.append(m.register_forward_hook(hook))
     try:
         with unfused_attention():
-            out = model(inputs)
+            out = run_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -328,18 +316,39 @@ def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
     return factors
 
 
-def _positions_linear(x: Tensor, delta: Tensor, weight: bool, bias: bool) -> DenseFactors:
+def _positions_linear(x: Tensor, delta: Tensor, weight: bool, bias: bool, transposed: bool = False
+                      ) -> DenseFactors:
     """A linear map applied at every position of `x` `(n, *positions, in)`, `delta` `(n, d, *positions, out)`:
-    per-sample gradients sum_t Delta_t^T X_t (weight, `(n, d, out in)`) and sum_t Delta_t (bias)."""
+    per-sample gradients sum_t Delta_t^T X_t (weight, `(n, d, out in)`, or `(n, d, in out)` for a
+    weight stored `transposed` as `(in, out)`) and sum_t Delta_t (bias)."""
     n, d = delta.shape[:2]
     xs = x.reshape(n, -1, x.shape[-1])
     ds = delta.reshape(n, d, xs.shape[1], delta.shape[-1])
     parts = []
     if weight:
-        parts.append(torch.einsum("nato,nti->naoi", ds, xs).reshape(n, d, -1))
+        parts.append(torch.einsum("nato,nti->naio" if transposed else "nato,nti->naoi", ds, xs).reshape(n, d, -1))
     if bias:
         parts.append(ds.sum(2))
     return DenseFactors(torch.cat(parts, 2))
+
+
+def _transposed_linear_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseFactors:
+    """Hugging Face's `Conv1D` (GPT-2): x @ weight + bias, the weight stored `(in, out)`."""
+    return _positions_linear(x, delta, "weight" in params, "bias" in params, transposed=True)
+
+
+def _rms_norm_rule(module: nn.Module, params, x: Tensor, delta: Tensor):
+    """An RMS norm, output = x_hat * weight with x_hat computed from x alone (torch's RMSNorm,
+    Llama's): x_hat is the module's output with a weight of ones, and the form is checked on the
+    chunk (another form, e.g. Gemma's x_hat * (1 + weight), goes to the generic rule)."""
+    if set(params) != {"weight"}:
+        return None
+    weight = params["weight"].detach()
+    with torch.no_grad():
+        x_hat = functional_call(module, {"weight": torch.ones_like(weight)}, (x,))
+        if not torch.allclose(x_hat * weight, functional_call(module, {"weight": weight}, (x,)), rtol=1e-5, atol=0):
+            return None
+    return _affine_grads(params, x_hat, delta, tuple(range(2, delta.ndim - weight.ndim)))
 
 
 def _conv_rule(module: nn.Conv1d | nn.Conv2d, params, x: Tensor, delta: Tensor):
@@ -438,12 +447,29 @@ _RULES = {
     nn.LayerNorm: _layer_norm_rule, nn.GroupNorm: _group_norm_rule, nn.BatchNorm1d: _batch_norm_rule,
     nn.BatchNorm2d: _batch_norm_rule, nn.BatchNorm3d: _batch_norm_rule,
 }
+if hasattr(nn, "RMSNorm"):   # torch >= 2.4
+    _RULES[nn.RMSNorm] = _rms_norm_rule
+
+
+def _rule_for(module: nn.Module):
+    """The rule for this module's type (None: the generic rule). Hugging Face's own layers are
+    matched by name, so that netsim never imports `transformers`."""
+    rule = _RULES.get(type(module))
+    if rule is None:
+        name, home = type(module).__name__, type(module).__module__
+        if name == "Conv1D" and home.startswith("transformers"):
+            rule = _transposed_linear_rule
+        elif name.endswith("RMSNorm"):
+            rule = _rms_norm_rule
+    return rule
+
+
 #: Modules that own their children's parameters and record several linear maps per call:
 #: type -> (recording forward, rule(module, params, [(input, Delta), ...]) -> [entries with names]).
 _COMPOSITES = {nn.MultiheadAttention: (_attention_forward, _attention_rule)}
 
 
-def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+def factorise(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
               targets: Tensor | None = None, *, copy: bool | None = None, params: ParamSpec = None) -> list:
     """Per-layer factors of the per-sample Jacobians of one chunk of inputs.
 
@@ -466,7 +492,7 @@ def factorise(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = Non
     return factorise_layout(model, inputs, output_fn, targets, copy=copy, params=params)[0]
 
 
-def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | None = None,
+def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                      targets: Tensor | None = None, *, copy: bool | None = None,
                      params: ParamSpec = None) -> tuple[list, bool]:
     """`factorise`, and whether the recording needed copies (pass it as `copy` next time)."""
@@ -477,7 +503,7 @@ def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | Non
         out, records, copy = _record(model, inputs, owners, copy)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)
-        out = as_output_matrix(out, inputs.shape[0])
+        out = as_output_matrix(out, input_rows(inputs))
         n, d = out.shape
         layer_outputs = [o for pairs in records for _, o in pairs]
         deltas = [[] for _ in layer_outputs]
@@ -487,6 +513,8 @@ def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | Non
             for k, (g, o) in enumerate(zip(grads, layer_outputs)):
                 deltas[k].append(torch.zeros_like(o) if g is None else g)
     deltas = iter([torch.stack(delta, 1).detach() for delta in deltas])   # (n, d, *out_shape) each
+    selected = trainable_parameters(model, params)
+    full_names = {id(p): name for name, p in selected.items()}
     factors = []
     for (name, module, params), pairs in zip(owners, records):
         pairs = [(x, next(deltas)) for x, _ in pairs]
@@ -494,21 +522,48 @@ def factorise_layout(model: nn.Module, inputs: Tensor, output_fn: OutputFn | Non
             entries = _COMPOSITES[type(module)][1](module, params, pairs)
         else:
             (x, delta), = pairs
-            rule = _RULES.get(type(module))
+            rule = _rule_for(module)
             entry = rule(module, params, x, delta) if rule is not None else None
             entry = entry if entry is not None else _generic_rule(module, params, x, delta)
             entry.names = tuple(params)
             entries = [entry]
-        for entry in entries:
-            entry.names = tuple(f"{name}.{k}" if name else k for k in entry.names)
+        local = dict(module.named_parameters()) if type(module) in _COMPOSITES else module._parameters
+        for entry in entries:   # the names of `named_parameters` (the first owner's, for a tied parameter)
+            entry.names = tuple(full_names[id(local[k])] for k in entry.names)
         factors += entries
-    bad = torch.zeros(inputs.shape[0], dtype=torch.bool, device=out.device)
+    factors = _merge_tied(factors, {k: p.numel() for k, p in selected.items()})
+    bad = torch.zeros(input_rows(inputs), dtype=torch.bool, device=out.device)
     for f in factors:
         for t in (f.grads,) if isinstance(f, DenseFactors) else (f.x, f.delta):
             bad |= nonfinite_rows(t)
     if bool(bad.any()):
         raise nonfinite_error(model, inputs, output_fn, targets, bad)
     return factors, copy
+
+
+def _merge_tied(factors: list, sizes: dict[str, int]) -> list:
+    """One entry per parameter: the entries of a parameter used by several modules (tied weights)
+    are materialised, split per parameter, and that parameter's parts summed (every rule lays a
+    parameter's per-sample gradient out in the parameter's own shape, so the parts add up)."""
+    uses = Counter(name for f in factors for name in f.names)
+    if all(count == 1 for count in uses.values()):
+        return factors
+    out, tied = [], {}
+    for f in factors:
+        if all(uses[name] == 1 for name in f.names):
+            out.append(f)
+            continue
+        grads, offset = materialise([f]), 0
+        for name in f.names:
+            part = grads[:, :, offset:offset + sizes[name]]
+            offset += sizes[name]
+            if name in tied:
+                tied[name].grads += part
+            else:
+                out.append(DenseFactors(part.clone(), (name,)))
+                if uses[name] > 1:
+                    tied[name] = out[-1]
+    return out
 
 
 def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) -> dict[str, Tensor]:

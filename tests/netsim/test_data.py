@@ -143,10 +143,21 @@ def test_a_dict_batched_transformer_equals_its_tensor_calls():
     both = torch.stack([tokens, mask.long()], 1)
     expected = netsim.similarity(Bound(), both, method="jacobian", chunk_size=4)
     batches = [{"tokens": tokens[:4], "padding_mask": mask[:4]}, {"tokens": tokens[4:], "padding_mask": mask[4:]}]
-    got = netsim.similarity(model, batches, chunk_size=4)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="keyword"):
-        netsim.similarity(model, batches, method="layerwise")
+    for method in ("auto", "layerwise", "jacobian"):   # keyword inputs reach every engine
+        got = netsim.similarity(model, batches, chunk_size=4, method=method)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_of_different_lengths_are_streamed_apart():
+    """Dynamic padding: each batch padded to its own length. Chunks end where the shape changes
+    (never joined across lengths), and row blocks still fall on their multiples."""
+    batches = [{"ids": torch.zeros(3, 5)}, {"ids": torch.zeros(2, 5)}, {"ids": torch.zeros(4, 7)},
+               {"ids": torch.zeros(1, 2)}]
+    source = as_source(batches)
+    got = [(offset, tuple(x["ids"].shape)) for offset, x, _ in source.chunks(4)]
+    assert got == [(0, (4, 5)), (4, (1, 5)), (5, (4, 7)), (9, (1, 2))]
+    got = [(offset, x["ids"].shape[0]) for offset, x, _ in source.chunks(8, block=3)]
+    assert got == [(0, 3), (3, 2), (5, 1), (6, 3), (9, 1)]
 
 
 def test_the_loader_is_streamed_in_chunks_never_concatenated():

@@ -120,13 +120,15 @@ def test_data_forms_and_targets(tmp_path):
                                    netsim.soft_density(model, xs, output_fn=class_vs_rest, targets=ys))
 
 
-def test_dict_batches_use_the_jacobian_engine(tmp_path):
+@pytest.mark.parametrize("method", ["layerwise", "jacobian"])
+def test_dict_batches_reach_both_engines(tmp_path, method):
     model = TinyTransformer().double().eval()
     tokens, mask = token_batch(12, padded=True)
     batches = [{"tokens": tokens[i:i + 5], "padding_mask": mask[i:i + 5]} for i in range(0, 12, 5)]
-    index = netsim.SimilarityIndex.build(model, batches, tmp_path / "i", shard_size=8)
-    assert index.manifest["engine"] == "jacobian"
-    torch.testing.assert_close(index.similarity(batches[:1]), netsim.similarity(model, batches[:1], batches))
+    index = netsim.SimilarityIndex.build(model, batches, tmp_path / "i", shard_size=8, method=method)
+    assert index.manifest["engine"] == method
+    torch.testing.assert_close(index.similarity(batches[:1]),
+                               netsim.similarity(model, batches[:1], batches, method="jacobian"))
 
 
 def test_params_selection(tmp_path):

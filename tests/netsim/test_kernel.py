@@ -243,14 +243,13 @@ def _shifted(model, flat_step):
 
 # --- classification: singular self-kernels ----------------------------------------------
 
-def test_auto_method_falls_back_to_jacobians_for_tied_weights():
+def test_every_method_handles_tied_weights():
     tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
     tied[2].weight = tied[0].weight
     xs = torch.randn(6, 3)
     dense = netsim.similarity_from_jacobians(netsim.per_sample_grads(tied, xs))
-    torch.testing.assert_close(netsim.similarity(tied, xs), dense, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="shared"):
-        netsim.similarity(tied, xs, method="layerwise")
+    for method in ("auto", "layerwise", "jacobian"):
+        torch.testing.assert_close(netsim.similarity(tied, xs, method=method), dense, rtol=1e-4, atol=1e-5)
 
 
 def test_classification_self_kernel_has_rank_d_minus_one_and_unit_self_similarity():

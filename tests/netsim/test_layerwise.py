@@ -75,12 +75,26 @@ class _Twice(nn.Module):
 
 
 def test_unsupported_structures_are_refused():
-    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
-    tied[2].weight = tied[0].weight
-    with pytest.raises(layerwise.UnsupportedModel, match="shared"):
-        layerwise.factorise(tied, torch.randn(2, 3))
     with pytest.raises(layerwise.UnsupportedModel, match="2 times"):
         layerwise.factorise(_Twice(), torch.randn(2, 3))
+    twice = nn.Linear(3, 3)
+    registered_twice = nn.Sequential(twice, nn.Tanh(), twice)
+    with pytest.raises(layerwise.UnsupportedModel, match="also registered"):
+        layerwise.factorise(registered_twice, torch.randn(2, 3))
+
+
+def test_tied_weights_sum_the_gradients_of_their_uses():
+    """One parameter in two modules (GPT-2's lm_head is its token embedding): its per-sample gradient
+    is the sum of both uses', laid out once, in named_parameters order; the untied bias stays apart."""
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    tied[2].weight = tied[0].weight
+    x = torch.randn(5, 3, dtype=torch.float64)
+    tied.double()
+    factors = layerwise.factorise(tied, x)
+    names = [n for f in factors for n in f.names]
+    assert sorted(names) == sorted(dict(tied.named_parameters())) and len(names) == len(set(names))
+    torch.testing.assert_close(layerwise.materialise(factors), netsim.per_sample_grads(tied, x), rtol=1e-12, atol=0)
 
 
 def test_in_place_modifications_after_a_layer_are_handled():

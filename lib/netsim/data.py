@@ -19,8 +19,8 @@ a loader's batches are cut and joined to the engines' chunk size, so the results
 one tensor and memory stays bounded by the chunk size (data is never concatenated beyond one
 chunk). Batches of different sample shapes (dynamic padding: each batch of token ids padded to
 its own length, as `transformers`' `DataCollatorWithPadding` does) are never joined: a chunk
-also ends where the shape changes, and may then hold fewer than `size` samples. Data that is not a tensor is moved to the model's device chunk by chunk; a tensor must
-already be there (as before). Each `chunks` call is one pass over the data: a one-shot iterator
+also ends where the shape changes, and may then hold fewer than `size` samples. Data that is
+not a tensor is moved to the model's device chunk by chunk; a tensor must already be there. Each `chunks` call is one pass over the data: a one-shot iterator
 (a generator) supports one pass, and a function that needs more says so before the model runs.
 """
 

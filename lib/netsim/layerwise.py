@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -516,7 +515,7 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
     selected = trainable_parameters(model, params)
     full_names = {id(p): name for name, p in selected.items()}
     factors = []
-    for (name, module, params), pairs in zip(owners, records):
+    for (_, module, params), pairs in zip(owners, records):
         pairs = [(x, next(deltas)) for x, _ in pairs]
         if type(module) in _COMPOSITES:
             entries = _COMPOSITES[type(module)][1](module, params, pairs)

@@ -21,7 +21,8 @@ chunk). Batches of different sample shapes (dynamic padding: each batch of token
 its own length, as `transformers`' `DataCollatorWithPadding` does) are never joined: a chunk
 also ends where the shape changes, and may then hold fewer than `size` samples. Data that is
 not a tensor is moved to the model's device chunk by chunk; a tensor must already be there.
-Each `chunks` call is one pass over the data: a one-shot iterator (a generator) supports one pass, and a function that needs more says so before the model runs.
+Each `chunks` call is one pass over the data: a one-shot iterator (a generator) supports one
+pass, and a function that needs more says so before the model runs.
 """
 
 from __future__ import annotations

@@ -483,4 +483,4 @@ def ours_similarity(b: Bench, method: str) -> Tensor:
 
 def ours_grads(b: Bench) -> Tensor:
     """`(N, d, p)` G from `netsim.per_sample_grads` (the Jacobian engine)."""
-    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets)
+    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets, method="jacobian")

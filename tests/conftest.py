@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import netsim
+
 
 def mlp(d_in: int = 3, hidden: int = 8, d_out: int = 1, depth: int = 2, act=nn.Tanh, seed: int = 0,
         dtype=torch.float32) -> nn.Sequential:
@@ -99,6 +101,12 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         h = self.blocks(self.stem(x))
         return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def jacobian_grads(*args, **kwargs) -> torch.Tensor:
+    """`netsim.per_sample_grads` on the Jacobian engine (torch.func): the reference the layer-wise
+    rules are checked against, never the layer-wise engine itself (which "auto" may pick)."""
+    return netsim.per_sample_grads(*args, method="jacobian", **kwargs)
 
 
 def reference_jacobians(model: nn.Module, inputs: torch.Tensor, output_fn=None, targets=None) -> torch.Tensor:

@@ -93,6 +93,12 @@ def check_model(model: nn.Module) -> None:
             f"{type(model).__name__} has no trainable parameter (requires_grad=True): "
             "the gradient kernels are defined by parameter gradients, so there is nothing to compare.")
     for name, module in model.named_modules():
+        if module.training and type(module).__module__.startswith("transformers"):
+            # Hugging Face modules branch on self.training (functional dropout, gradient checkpointing)
+            raise ValueError(
+                f"{type(module).__name__} {name or 'model'!r} is in training mode: Hugging Face models apply "
+                "dropout (and other training-only steps) in training mode, so the output is random and a "
+                "per-sample gradient is not defined. Call model.eval() first.")
         if module.training and isinstance(module, _MODES_THAT_MIX_SAMPLES):
             raise ValueError(
                 f"module {name or type(model).__name__!r} ({type(module).__name__}) is in training "
@@ -130,6 +136,7 @@ def check_batch(model: nn.Module, inputs, targets: Tensor | None = None, *,
             raise ValueError(f"the tensors of {name} have different numbers of rows: "
                              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items()))
         n = rows.pop()
+        _check_tokens(model, inputs, name)
     else:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
@@ -153,6 +160,34 @@ def check_batch(model: nn.Module, inputs, targets: Tensor | None = None, *,
             raise ValueError(f"{targets_name} are on {targets.device} but the model is on {model_device(model)}")
 
 
+#: Keyword inputs laid out like the token ids, one entry per token (Hugging Face's names).
+_PER_TOKEN_KEYS = ("attention_mask", "token_type_ids", "position_ids")
+
+
+def _check_tokens(model: nn.Module, inputs: dict, name: str) -> None:
+    """Token inputs (`input_ids` and what goes with them): masks and token types of the ids' shape,
+    ids within the vocabulary of the model's input embedding (a Hugging Face model's
+    `get_input_embeddings()`), so that a padding or tokenizer mistake is named, not an index error."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, Tensor):
+        return
+    for key in _PER_TOKEN_KEYS:
+        other = inputs.get(key)
+        if isinstance(other, Tensor) and other.ndim == ids.ndim and other.shape != ids.shape:
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(other.shape)} but {name}['input_ids'] has "
+                             f"{tuple(ids.shape)}: one entry per token needed (pad both to the same length)")
+    if ids.is_floating_point():
+        raise TypeError(f"{name}['input_ids'] must hold integer token ids, got {ids.dtype}")
+    embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = embeddings() if callable(embeddings) else None
+    if isinstance(embedding, nn.Embedding) and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= embedding.num_embeddings:
+            raise ValueError(f"{name}['input_ids'] holds token ids in [{low}, {high}] but the model's vocabulary has "
+                             f"{embedding.num_embeddings} tokens (ids 0 to {embedding.num_embeddings - 1}): was "
+                             "the data tokenized with this model's tokenizer, and padded with its pad_token_id?")
+
+
 def check_data(model: nn.Module, source: Source) -> None:
     """`check_batch` on a tensor source, whole, before the model runs. Other data forms are read
     lazily and checked chunk by chunk as they arrive (reading data does not touch the model)."""
@@ -162,6 +197,12 @@ def check_data(model: nn.Module, source: Source) -> None:
 
 def as_output_matrix(out, batch: int) -> Tensor:
     """Checks that an output batch is `(B, d)`; a `(B,)` output is read as d = 1."""
+    if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        raise TypeError(
+            f"the model (after output_fn) returned a {type(out).__name__}, not a tensor: pass output_fn picking "
+            "the output to compare, e.g. netsim.outputs.logits (a classifier's logits), "
+            "netsim.outputs.causal_lm_log_likelihood with targets_key='labels' (a language model), or "
+            "netsim.outputs.class_vs_rest with the labels as targets.")
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model (after output_fn) returned a {type(out).__name__}, not a tensor: pass output_fn mapping "

@@ -36,8 +36,16 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .checks import NonFiniteError, check_batch, check_choice, check_model, check_positive_int, check_rtol
-from .data import Inputs, index_inputs, input_rows
-from .grads import DEFAULT_CHUNK, OutputFn, VmapFallbackWarning, iter_jacobians, num_parameters, trainable_parameters
+from .data import Inputs, as_source, index_inputs, input_rows
+from .grads import (
+    DEFAULT_CHUNK,
+    BatchedJacobian,
+    OutputFn,
+    VmapFallbackWarning,
+    jacobian_chunks,
+    num_parameters,
+    trainable_parameters,
+)
 from .params import ParamSpec
 
 METHODS = ("auto", "layerwise", "jacobian")
@@ -53,9 +61,13 @@ class JacobianEngine:
         check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn, self.chunk = model, output_fn, chunk_size or DEFAULT_CHUNK
         self.params = params  # the selected parameters (`netsim.params`)
+        self._jacobians = None   # built on the first chunk (after the model and data are checked)
 
     def chunks(self, inputs: Inputs, targets: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
-        yield from iter_jacobians(self.model, inputs, self.output_fn, self.chunk, targets, params=self.params)
+        check_model(self.model)
+        if self._jacobians is None:
+            self._jacobians = BatchedJacobian(self.model, self.output_fn, trainable_parameters(self.model, self.params))
+        yield from jacobian_chunks(as_source(inputs, targets, name="inputs"), self.chunk, self._jacobians)
 
     def bytes_per_sample(self, d: int, itemsize: int) -> int:
         return d * num_parameters(self.model, self.params) * itemsize
@@ -277,12 +289,17 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
     first = None if targets is None else targets[:1]
     if method == "layerwise":
         probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
-                                                 params=params)
+                                                 params=params, verify=True)
         return LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
     try:
         probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
-                                                 params=params)
+                                                 params=params, verify=True)
     except Exception as error:  # noqa: BLE001 -- any engine failure: auto goes on without it
+        if not isinstance(error, (layerwise.UnsupportedModel, NonFiniteError)):
+            # the same sample on the Jacobian engine: an error of the user's (an output_fn returning
+            # the wrong shape) is raised from there, without a warning blaming the engine
+            for _ in jacobian.chunks(index_inputs(inputs, slice(0, 1)), first):
+                pass
         _left_out("layerwise", error)
         return jacobian
     engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)

@@ -170,7 +170,7 @@ class VmapFallbackWarning(UserWarning):
     """The model cannot run under `torch.func.vmap`: its Jacobians are computed one sample at a time."""
 
 
-class _BatchedJacobian:
+class BatchedJacobian:
     """`(params, x, t) -> {name: (n, d, *param.shape)}`: per-sample Jacobians of a chunk, vmapped.
 
     A forward with data-dependent control flow (`if mask.all():`, `.item()`, as in Hugging Face
@@ -256,11 +256,17 @@ def iter_jacobians(
     source = as_source(inputs, targets, targets_key=targets_key, name="inputs", device=model_device(model))
     check_data(model, source)
     check_positive_int("chunk_size", chunk_size, optional=True)
-    selected = trainable_parameters(model, params)
+    yield from jacobian_chunks(source, chunk_size or DEFAULT_CHUNK,
+                               BatchedJacobian(model, output_fn, trainable_parameters(model, params)))
+
+
+def jacobian_chunks(source, chunk_size: int, jacobians: BatchedJacobian) -> Iterator[tuple[int, Tensor]]:
+    """`iter_jacobians` after its checks, with the caller's `BatchedJacobian` (which remembers,
+    across the caller's chunks, that the model cannot run under vmap: one warning per call)."""
+    model, output_fn, selected = jacobians.model, jacobians.output_fn, jacobians.selected
     # jacrev differentiates w.r.t. these detached copies, so no graph reaches the model.
     detached = {n: p.detach() for n, p in selected.items()}
-    jacobians = _BatchedJacobian(model, output_fn, selected)
-    for start, x, t in source.chunks(chunk_size or DEFAULT_CHUNK):
+    for start, x, t in source.chunks(chunk_size):
         check_batch(model, x, t)
         per_param = jacobians(detached, x, t)
         n, d = input_rows(x), next(iter(per_param.values())).shape[1]
@@ -320,6 +326,7 @@ def per_sample_grads(
     *,
     params: ParamSpec = None,
     targets_key: str | None = None,
+    method: str = "auto",
 ) -> Tensor:
     """Exact per-sample Jacobians of `output_fn(model(x))` w.r.t. the selected parameters.
 
@@ -336,6 +343,9 @@ def per_sample_grads(
             `["head.*"]`) or a callable `(name, parameter) -> bool` (`netsim.params`);
             default every trainable parameter.
         targets_key: the key of the targets in dict batches.
+        method: "auto" (the faster engine, measured: `netsim.engine`), "layerwise" (one batched
+            forward and d backward passes per chunk, the gradients assembled per layer) or
+            "jacobian" (`iter_jacobians`).
 
     Returns:
         `(N, d, p)` tensor: row `J[n, i]` is the gradient of output i at sample n.
@@ -347,12 +357,19 @@ def per_sample_grads(
         >>> per_sample_grads(net, torch.randn(5, 3), params=["2.*"]).shape
         torch.Size([5, 2, 10])
     """
-    check_model(model)
+    from .engine import check_engine_options  # both build on this module
+    from .kernel import engine_chunks, engine_for_data
+    from .layerwise import materialise
+
+    check_engine_options(model, method=method, chunk_size=chunk_size, params=params)
     source = as_source(inputs, targets, targets_key=targets_key, name="inputs", device=model_device(model))
     check_data(model, source)
+    engine = engine_for_data(model, source, output_fn, chunk_size, method, params)
+    selected = trainable_parameters(model, params)
     length = source.length
     out, parts = None, []
-    for start, J in iter_jacobians(model, source, output_fn, chunk_size, params=params):
+    for start, rep in engine_chunks(engine, source):
+        J = rep if engine.name == "jacobian" else materialise(rep, selected)
         if length is None:  # unknown length (a generator): the chunks are joined at the end
             parts.append(J)
             continue

@@ -493,11 +493,18 @@ def factorise(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = Non
 
 def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                      targets: Tensor | None = None, *, copy: bool | None = None,
-                     params: ParamSpec = None) -> tuple[list, bool]:
-    """`factorise`, and whether the recording needed copies (pass it as `copy` next time)."""
+                     params: ParamSpec = None, verify: bool = False) -> tuple[list, bool]:
+    """`factorise`, and whether the recording needed copies (pass it as `copy` next time).
+
+    With `verify` (the engines' one-sample probe), the same backward passes also give the
+    gradient of each parameter summed over the chunk, by autograd, and the factors must add up
+    to it: a parameter also used outside its module's forward (`x @ self.enc.weight` in a
+    parent's forward), which no hook sees, raises `UnsupportedModel` instead of a wrong kernel.
+    """
     check_model(model)
     check_batch(model, inputs, targets)
     owners = _param_modules(model, params)
+    selected = trainable_parameters(model, params)
     with torch.enable_grad():
         out, records, copy = _record(model, inputs, owners, copy)
         if output_fn is not None:
@@ -505,14 +512,14 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
         out = as_output_matrix(out, input_rows(inputs))
         n, d = out.shape
         layer_outputs = [o for pairs in records for _, o in pairs]
-        deltas = [[] for _ in layer_outputs]
+        wrt = layer_outputs + (list(selected.values()) if verify else [])
+        deltas = [[] for _ in wrt]
         for a in range(d):
-            grads = torch.autograd.grad(out[:, a].sum(), layer_outputs, retain_graph=a < d - 1,
-                                        allow_unused=True)
-            for k, (g, o) in enumerate(zip(grads, layer_outputs)):
+            grads = torch.autograd.grad(out[:, a].sum(), wrt, retain_graph=a < d - 1, allow_unused=True)
+            for k, (g, o) in enumerate(zip(grads, wrt)):
                 deltas[k].append(torch.zeros_like(o) if g is None else g)
-    deltas = iter([torch.stack(delta, 1).detach() for delta in deltas])   # (n, d, *out_shape) each
-    selected = trainable_parameters(model, params)
+    totals = [torch.stack(t).detach() for t in deltas[len(layer_outputs):]]   # (d, *param.shape) each
+    deltas = iter([torch.stack(delta, 1).detach() for delta in deltas[:len(layer_outputs)]])   # (n, d, *out)
     full_names = {id(p): name for name, p in selected.items()}
     factors = []
     for (_, module, params), pairs in zip(owners, records):
@@ -531,6 +538,8 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
             entry.names = tuple(full_names[id(local[k])] for k in entry.names)
         factors += entries
     factors = _merge_tied(factors, {k: p.numel() for k, p in selected.items()})
+    if verify:
+        _check_sums(factors, selected, totals)
     bad = torch.zeros(input_rows(inputs), dtype=torch.bool, device=out.device)
     for f in factors:
         for t in (f.grads,) if isinstance(f, DenseFactors) else (f.x, f.delta):
@@ -538,6 +547,23 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
     if bool(bad.any()):
         raise nonfinite_error(model, inputs, output_fn, targets, bad)
     return factors, copy
+
+
+def _check_sums(factors: list, selected: dict[str, Tensor], totals: list[Tensor]) -> None:
+    """Raises `UnsupportedModel` unless the factors' per-sample gradients, summed over the chunk,
+    equal autograd's `totals` (`(d, *shape)` per selected parameter) to float rounding."""
+    summed_rules = materialise(factors, selected).sum(0)          # (d, p)
+    overall = max(float(t.abs().max()) for t in totals)
+    offset = 0
+    for (name, p), total in zip(selected.items(), totals):
+        rule, total = summed_rules[:, offset:offset + p.numel()], total.reshape(total.shape[0], -1)
+        offset += p.numel()
+        # relative to the parameter's own scale, and to the whole gradient's for gradients that are
+        # zero but for rounding (a key projection's bias: softmax ignores a shift shared by all keys)
+        if float((rule - total).abs().max()) > 1e-3 * float(total.abs().max()) + 1e-5 * overall:
+            raise UnsupportedModel(f"parameter {name!r} is also used outside its module's forward (e.g. a weight "
+                                   "read directly in a parent's forward), where no layer-wise rule sees it "
+                                   "(method='jacobian' handles it)")
 
 
 def _merge_tied(factors: list, sizes: dict[str, int]) -> list:
@@ -584,19 +610,28 @@ def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) ->
     return out
 
 
-def materialise(factors: list) -> Tensor:
-    """The full `(n, d, p)` Jacobians from the factors (for tests and small layers)."""
-    parts = []
+def materialise(factors: list, parameters: dict[str, Tensor] | None = None) -> Tensor:
+    """The full `(n, d, p)` Jacobians from the factors, their parameters in the factors' order or,
+    given `parameters` ({full name: parameter}, e.g. `trainable_parameters(model)`), in its order:
+    the layout of `per_sample_grads`."""
+    entries = []
     for f in factors:
         if isinstance(f, DenseFactors):
-            parts.append(f.grads)
+            entries.append(f.grads)
         else:
             n, d, out = f.delta.shape
-            if f.weight:
-                parts.append(torch.einsum("nao,ni->naoi", f.delta, f.x).reshape(n, d, -1))
-            if f.bias:
-                parts.append(f.delta)
-    return torch.cat(parts, 2)
+            entries.append(torch.cat(([torch.einsum("nao,ni->naoi", f.delta, f.x).reshape(n, d, -1)] if f.weight
+                                      else []) + ([f.delta] if f.bias else []), 2))
+    if parameters is None:
+        return torch.cat(entries, 2)
+    pieces = {}
+    for f, grads in zip(factors, entries):
+        offset = 0
+        for name in f.names:
+            size = parameters[name].numel()
+            pieces[name] = grads[:, :, offset:offset + size]
+            offset += size
+    return torch.cat([pieces[name] for name in parameters], 2)
 
 
 def transform(factors: list, left: Tensor) -> list:

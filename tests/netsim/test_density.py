@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netsim
-from conftest import SmallCNN, mlp
+from conftest import SmallCNN, jacobian_grads, mlp
 from netsim import density, outputs
 from netsim.engine import engine_for
 from netsim.grads import output_jvp
@@ -19,7 +19,7 @@ CACHES = (None, 0)
 
 def _dense_rows(model, xs, **kw):
     """The reference: row sums of k^C computed from materialised Jacobians."""
-    return netsim.similarity_from_jacobians(netsim.per_sample_grads(model, xs, **kw)).sum(1)
+    return netsim.similarity_from_jacobians(jacobian_grads(model, xs, **kw)).sum(1)
 
 
 @pytest.mark.parametrize("cache", CACHES)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import netsim
-from conftest import mlp
+from conftest import jacobian_grads, mlp
 from netsim import enforce, outputs
 
 
@@ -31,8 +31,8 @@ def test_group_loss_uses_batch_mean_gradients_of_the_binarised_output():
     model = mlp(d_out=10, hidden=12, seed=2)
     b1, b2 = torch.randn(4, 3), torch.randn(4, 3)
     labels = torch.full((4,), 7)
-    J1 = netsim.per_sample_grads(model, b1, outputs.class_vs_rest, targets=labels)[:, 0]
-    J2 = netsim.per_sample_grads(model, b2, outputs.class_vs_rest, targets=labels)[:, 0]
+    J1 = jacobian_grads(model, b1, outputs.class_vs_rest, targets=labels)[:, 0]
+    J2 = jacobian_grads(model, b2, outputs.class_vs_rest, targets=labels)[:, 0]
     mu1, mu2 = J1.mean(0), J2.mean(0)
     expected = 4 * (mu1 - mu2).pow(2).sum() / (mu1.norm() * mu2.norm())
     got = enforce.group_loss(model, b1, b2, output_fn=outputs.class_vs_rest, targets1=labels, targets2=labels)
@@ -46,7 +46,7 @@ def test_section5_identities_on_normalised_gradients(seed, n):
     normalised gradients."""
     model = mlp(d_out=1, seed=seed % 101)
     x = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    g = netsim.per_sample_grads(model, x)[:, 0].double()
+    g = jacobian_grads(model, x)[:, 0].double()
     u = g / g.norm(dim=1, keepdim=True)
     mu = u.mean(0)
     kc = netsim.similarity(model, x).double()

@@ -199,3 +199,43 @@ def test_bad_engine_options_are_refused():
         engine_for(mlp(), torch.randn(2, 3), chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size"):
         JacobianEngine(mlp(), None, -3)
+
+
+@pytest.mark.parametrize("failing", ["layerwise", "jacobian"])
+@pytest.mark.parametrize("when", [1, 2])   # the untimed one-sample run, or the timed chunk
+def test_auto_survives_an_engine_failing_anywhere_in_its_timing(fresh_choices, monkeypatch, failing, when):
+    """An engine that raises in auto's timing (before: an UnsupportedModel after the one-sample probe
+    escaped to the user) is left out with one warning, and the other engine is used."""
+    engine_class = LayerwiseEngine if failing == "layerwise" else JacobianEngine
+    original, calls = engine_class.chunks, []
+
+    def chunks(self, inputs, targets=None):
+        calls.append(1)
+        if len(calls) == when:
+            raise RuntimeError("boom in the timed run")
+        yield from original(self, inputs, targets)
+
+    monkeypatch.setattr(engine_class, "chunks", chunks)
+    with pytest.warns(engine_module.EngineFailedWarning, match=f"the {failing} engine failed.*boom"):
+        chosen = engine_for(mlp(), torch.randn(8, 3), clock=_clock(0.0, 1.0, 2.0, 3.0))
+    assert chosen.name != failing
+
+
+def test_auto_left_with_no_working_engine_raises_the_jacobian_engines_error(fresh_choices, monkeypatch):
+    def broken(self, inputs, targets=None):
+        raise RuntimeError("nothing works")
+        yield
+
+    monkeypatch.setattr(LayerwiseEngine, "chunks", broken)
+    monkeypatch.setattr(JacobianEngine, "chunks", broken)
+    with pytest.raises(RuntimeError, match="nothing works"):
+        engine_for(mlp(), torch.randn(8, 3), clock=_clock(0.0, 1.0))
+
+
+def test_a_users_output_error_is_raised_without_blaming_an_engine(recwarn):
+    for call in (netsim.per_sample_grads, netsim.similarity, netsim.soft_density):
+        with pytest.raises(ValueError, match="d = 0 columns"):
+            call(mlp(), torch.randn(4, 3), output_fn=lambda out: out[:, :0])
+        with pytest.raises(TypeError, match="not a tensor"):
+            call(mlp(), torch.randn(4, 3), output_fn=lambda out: [out])
+    assert not [w for w in recwarn if issubclass(w.category, engine_module.EngineFailedWarning)]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netsim
-from conftest import SmallCNN, mlp
+from conftest import SmallCNN, jacobian_grads, mlp
 from netsim import kernel, outputs
 from netsim.engine import engine_for
 from netsim.kernel import ZeroGradientError, psd_power
@@ -74,7 +74,7 @@ METHODS = ("jacobian", "layerwise")
 def test_streaming_similarity_matches_per_pair_reference(kind, reduce, method):
     model = mlp(d_out=2, seed=3)
     xs, ys = torch.randn(9, 3), torch.randn(5, 3)
-    Jx, Jy = netsim.per_sample_grads(model, xs), netsim.per_sample_grads(model, ys)
+    Jx, Jy = jacobian_grads(model, xs), jacobian_grads(model, ys)
     mats, ranks = reference_matrix(Jx, Jy, kind)
     expected = torch.from_numpy(reference_reduce(mats, ranks, kind, reduce)).float()
     got = netsim.similarity(model, xs, ys, kind=kind, reduce=reduce, chunk_size=2, max_block_bytes=1, method=method)
@@ -87,7 +87,7 @@ def test_streaming_similarity_matches_per_pair_reference(kind, reduce, method):
 def test_symmetric_blocks_equal_the_dense_path(kind, reduce, method):
     model = SmallCNN(d_out=2).eval()
     xs = torch.randn(13, 1, 8, 8)
-    dense = netsim.similarity_from_jacobians(netsim.per_sample_grads(model, xs), kind=kind, reduce=reduce)
+    dense = netsim.similarity_from_jacobians(jacobian_grads(model, xs), kind=kind, reduce=reduce)
     for block in (1, 10**9):  # many row blocks (mirrored triangle) and a single block
         got = netsim.similarity(model, xs, kind=kind, reduce=reduce, chunk_size=3, max_block_bytes=block,
                                 method=method)
@@ -97,7 +97,7 @@ def test_symmetric_blocks_equal_the_dense_path(kind, reduce, method):
 def test_one_output_kernels_are_the_papers_scalar_formulas():
     model = mlp(d_out=1)
     xs = torch.randn(6, 3)
-    g = netsim.per_sample_grads(model, xs)[:, 0].double()
+    g = jacobian_grads(model, xs)[:, 0].double()
     inner = g @ g.T
     norms = g.norm(dim=1)
     expected = {"inner": inner, "influence": inner / norms[:, None] ** 2,
@@ -121,7 +121,7 @@ def test_inner_kernel_is_lambda_weighted_activity_products():
     model(xs)
     for h in hooks:
         h.remove()
-    J = netsim.per_sample_grads(model, xs)[:, 0]
+    J = jacobian_grads(model, xs)[:, 0]
     # df/db_j for every neuron j: the bias entries of the gradient (parameter order: weight, bias)
     offsets, start = {}, 0
     for m in linears:
@@ -147,7 +147,7 @@ def test_theorem1_equal_gradients_give_equal_outputs(seed, act):
     model = mlp(d_out=1, act=act, seed=seed % 1000, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    J = netsim.per_sample_grads(model, xs)[:, 0]
+    J = jacobian_grads(model, xs)[:, 0]
     last = model[-1]
     theta_last = torch.cat([last.weight.flatten(), last.bias])
     f = model(xs)[:, 0]
@@ -184,7 +184,7 @@ def test_rotation_invariant_kernel_ignores_a_relative_output_rotation():
     """Rotating one side's outputs by R changes K^C into K^C R^T: k^C changes, k^{C,rot} does not."""
     model = mlp(d_out=2, seed=5)
     xs, ys = torch.randn(6, 3), torch.randn(4, 3)
-    Jx, Jy = netsim.per_sample_grads(model, xs), netsim.per_sample_grads(model, ys)
+    Jx, Jy = jacobian_grads(model, xs), jacobian_grads(model, ys)
     Jy_rot = torch.einsum("ab,nbp->nap", _rotation(0.9), Jy)
     rot, rot_r = (netsim.similarity_from_jacobians(Jx, J, reduce="rot") for J in (Jy, Jy_rot))
     tr, tr_r = (netsim.similarity_from_jacobians(Jx, J, reduce="trace") for J in (Jy, Jy_rot))
@@ -217,7 +217,7 @@ def test_theorem3_parameter_step_moves_other_outputs_by_the_influence_kernel():
     model = mlp(d_out=2, hidden=10, seed=7, dtype=torch.float64)
     x, others = torch.randn(1, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     v = torch.tensor([0.6, -0.8], dtype=torch.float64)
-    Jx = netsim.per_sample_grads(model, x)[0]                      # (d, p)
+    Jx = jacobian_grads(model, x)[0]                      # (d, p)
     predicted = netsim.similarity(model, x, others, kind="influence", reduce="none")[0] @ v  # (M, d)
     errors = []
     for eps in (1e-3, 5e-4):
@@ -247,7 +247,7 @@ def test_every_method_handles_tied_weights():
     tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
     tied[2].weight = tied[0].weight
     xs = torch.randn(6, 3)
-    dense = netsim.similarity_from_jacobians(netsim.per_sample_grads(tied, xs))
+    dense = netsim.similarity_from_jacobians(jacobian_grads(tied, xs))
     for method in ("auto", "layerwise", "jacobian"):
         torch.testing.assert_close(netsim.similarity(tied, xs, method=method), dense, rtol=1e-4, atol=1e-5)
 
@@ -255,7 +255,7 @@ def test_every_method_handles_tied_weights():
 def test_classification_self_kernel_has_rank_d_minus_one_and_unit_self_similarity():
     model = mlp(d_out=10, hidden=16, seed=8)
     xs = torch.randn(12, 3)
-    J = netsim.per_sample_grads(model, xs, output_fn=outputs.neg_log_softmax)
+    J = jacobian_grads(model, xs, output_fn=outputs.neg_log_softmax)
     _, rank = psd_power(J @ J.transpose(1, 2), -0.5)
     assert rank.tolist() == [9] * 12
     for reduce in ("trace", "none"):
@@ -371,7 +371,7 @@ def test_large_similarity_stays_in_bounded_memory(method):
 def test_remove_shared_direction_projects_out_the_mean_normalised_gradient():
     from netsim.kernel import remove_shared_direction
 
-    J = netsim.per_sample_grads(mlp(d_out=2, seed=10), torch.randn(30, 3)).double()
+    J = jacobian_grads(mlp(d_out=2, seed=10), torch.randn(30, 3)).double()
     P = remove_shared_direction(J)
     shared = (J / J.norm(dim=2, keepdim=True)).mean(0)
     assert (P * shared).sum(2).abs().max() < 1e-10                     # orthogonal to it
@@ -388,7 +388,7 @@ def test_trace_kernel_of_a_rotated_copy_is_the_cosine_and_rot_is_one(theta):
     float64 the values deviate by up to 1.4e-8 (about sqrt(eps), with well-conditioned 2 x 2
     self-kernels: not traced further), hence atol 1e-7."""
     model = mlp(d_out=2, seed=8)
-    J = netsim.per_sample_grads(model, torch.randn(5, 3)).double()
+    J = jacobian_grads(model, torch.randn(5, 3)).double()
     J_rot = torch.einsum("ab,nbp->nap", _rotation(theta).double(), J)
     trace = netsim.similarity_from_jacobians(J, J_rot, reduce="trace").diagonal()
     rot = netsim.similarity_from_jacobians(J, J_rot, reduce="rot").diagonal()

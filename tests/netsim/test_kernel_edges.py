@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import netsim
-from conftest import SmallCNN, mlp, reference_jacobians
+from conftest import SmallCNN, jacobian_grads, mlp, reference_jacobians
 from netsim import NonFiniteError, ZeroGradientError
 
 METHODS = ("jacobian", "layerwise")
@@ -91,7 +91,7 @@ def test_the_scale_of_one_sample_does_not_change_its_correlations():
     model, xs = mlp(d_out=1, seed=5), torch.randn(8, 3)
     weights = torch.tensor([1.0, 1e25, 1.0, 1e-25, 1.0, 1.0, 1e20, 1.0])[:, None]
     plain = netsim.similarity(model, xs)
-    J = netsim.per_sample_grads(model, xs) * weights[:, :, None]
+    J = jacobian_grads(model, xs) * weights[:, :, None]
     torch.testing.assert_close(netsim.similarity_from_jacobians(J), plain, rtol=1e-5, atol=1e-5)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import netsim
-from conftest import SmallCNN, mlp
+from conftest import SmallCNN, jacobian_grads, mlp
 from netsim import layerwise, without_inplace
 from netsim_paper.mnist.speedup import mnist_cnn
 
@@ -32,7 +32,7 @@ def test_factors_equal_the_jacobians(name, d):
         return out[:, :d]
 
     factors = layerwise.factorise(model, x, output_fn)
-    J = netsim.per_sample_grads(model, x, output_fn)
+    J = jacobian_grads(model, x, output_fn)
     torch.testing.assert_close(layerwise.materialise(factors), J, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layerwise.self_gram(factors), J @ J.transpose(1, 2), rtol=1e-4, atol=1e-5)
 
@@ -46,7 +46,7 @@ def test_gram_transform_and_sums_equal_dense_formulas(name):
         return out[:, :2]
 
     fx, fy = layerwise.factorise(model, x, output_fn), layerwise.factorise(model, y, output_fn)
-    Jx, Jy = netsim.per_sample_grads(model, x, output_fn), netsim.per_sample_grads(model, y, output_fn)
+    Jx, Jy = jacobian_grads(model, x, output_fn), jacobian_grads(model, y, output_fn)
     full = torch.einsum("iap,jbp->ijab", Jx, Jy)
     torch.testing.assert_close(layerwise.gram(fx, fy, trace=False), full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layerwise.gram(fx, fy, trace=True), full.diagonal(dim1=-2, dim2=-1).sum(-1),
@@ -62,7 +62,7 @@ def test_frozen_parameters_are_left_out():
     model[0].bias.requires_grad_(False)
     model[2].weight.requires_grad_(False)
     torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)),
-                               netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
+                               jacobian_grads(model, x), rtol=1e-5, atol=1e-6)
 
 
 class _Twice(nn.Module):
@@ -94,7 +94,7 @@ def test_tied_weights_sum_the_gradients_of_their_uses():
     factors = layerwise.factorise(tied, x)
     names = [n for f in factors for n in f.names]
     assert sorted(names) == sorted(dict(tied.named_parameters())) and len(names) == len(set(names))
-    torch.testing.assert_close(layerwise.materialise(factors), netsim.per_sample_grads(tied, x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(layerwise.materialise(factors), jacobian_grads(tied, x), rtol=1e-12, atol=0)
 
 
 def test_in_place_modifications_after_a_layer_are_handled():
@@ -106,14 +106,34 @@ def test_in_place_modifications_after_a_layer_are_handled():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 2))
     for model, x in ((inplace, torch.randn(5, 3)), (conv, torch.randn(5, 2, 4, 4))):
         factors, copy = layerwise.factorise_layout(model, x)
-        torch.testing.assert_close(layerwise.materialise(factors), netsim.per_sample_grads(model, x),
+        torch.testing.assert_close(layerwise.materialise(factors), jacobian_grads(model, x),
                                    rtol=1e-5, atol=1e-6)
         assert copy  # the caller keeps this and records copies from the start next time
         with pytest.raises(layerwise.InPlaceModified):
             layerwise.factorise(model, x, copy=False)
         torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x[:2], copy=True)),
-                                   netsim.per_sample_grads(model, x[:2]), rtol=1e-5, atol=1e-6)
+                                   jacobian_grads(model, x[:2]), rtol=1e-5, atol=1e-6)
         # the engine keeps that state per engine, not per process: a fresh engine finds it again
         engine = netsim.engine.engine_for(model, x, method="layerwise")
         assert engine.copy_records is True
         assert layerwise.factorise_layout(without_inplace(model), x)[1] is False
+
+
+class _WeightReadByParent(nn.Module):
+    """The decoder is the encoder's weight, read in the parent's forward: no hook sees that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.enc(x)) @ self.enc.weight
+
+
+def test_a_parameter_used_outside_its_module_is_refused_not_summed_wrong():
+    """The probe checks the factors' sum against autograd's gradient of the summed output: a missed use
+    of a weight is refused (`layerwise`) or sends auto to the Jacobian engine, never a wrong kernel."""
+    model, x = _WeightReadByParent(), torch.randn(5, 4)
+    with pytest.raises(layerwise.UnsupportedModel, match="outside its module"):
+        netsim.similarity(model, x, method="layerwise")
+    torch.testing.assert_close(netsim.similarity(model, x), netsim.similarity(model, x, method="jacobian"))

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import netsim
-from conftest import mlp
+from conftest import jacobian_grads, mlp
 from netsim import NonFiniteError, layerwise, without_inplace
 
 
@@ -39,7 +38,7 @@ def test_copy_recording_is_only_used_when_needed():
     _, copy = layerwise.factorise_layout(without_inplace(model), x)
     assert copy is False
     torch.testing.assert_close(layerwise.materialise(layerwise.factorise(without_inplace(model), x, copy=False)),
-                               netsim.per_sample_grads(model, x), rtol=1e-5, atol=1e-6)
+                               jacobian_grads(model, x), rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_layers_and_a_frozen_weight_with_a_trainable_bias():
@@ -47,7 +46,7 @@ def test_frozen_layers_and_a_frozen_weight_with_a_trainable_bias():
     model[0].requires_grad_(False)
     model[2].weight.requires_grad_(False)
     x = torch.randn(5, 3)
-    torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)), netsim.per_sample_grads(model, x),
+    torch.testing.assert_close(layerwise.materialise(layerwise.factorise(model, x)), jacobian_grads(model, x),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -54,7 +54,8 @@ def shared_direction_kernel(model: nn.Module, inputs: Tensor) -> Tensor:
     Returns:
         `(N, N)` kernel of the projected gradients.
     """
-    return netsim.similarity_from_jacobians(remove_shared_direction(netsim.per_sample_grads(model, inputs)))
+    J = netsim.per_sample_grads(model, inputs, method="jacobian")
+    return netsim.similarity_from_jacobians(remove_shared_direction(J))
 
 
 def _counts(kc: Tensor, taus: Sequence[float], alphas: Sequence[float]) -> dict[str, np.ndarray]:
@@ -140,7 +141,7 @@ def count_neighbours(runs: Sequence[SinusoidRun], frequencies: Sequence[float], 
                 table[name][i, j] = per[name]
         mean_kc_b[i, j] = kc_b.mean().item()
         alpha[i, j] = run.data.alpha.numpy()
-        sq_norm = netsim.per_sample_grads(model, x).pow(2).sum((1, 2))
+        sq_norm = netsim.per_sample_grads(model, x, method="jacobian").pow(2).sum((1, 2))
         bias_share[i, j] = (1.0 / sq_norm).mean().item()
         mean_kc[i, j], mean_kc_a[i, j] = kc.mean().item(), kc_a.mean().item()
     return EnsembleCounts(np.array(freqs), seeds, counts, counts_a, counts_b, mean_kc, mean_kc_a, mean_kc_b,

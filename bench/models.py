@@ -291,6 +291,67 @@ def _registration(n: int, seed: int) -> Bench:
                  mean_displacement, torch.cat([target, weights[:, None]], 1), _registration_loss, d=2)
 
 
+class HFPacked(nn.Module):
+    """A Hugging Face sequence classifier fed one `(N, 2, T)` tensor, (input_ids, attention_mask)
+    packed, called with its keywords and returning its logits: the bench's tensor plumbing around
+    the model's own forward (masks, position ids, its attention implementation)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed: Tensor) -> Tensor:
+        return self.model(input_ids=packed[:, 0], attention_mask=packed[:, 1]).logits
+
+
+def hf_classifier(family: str, seed: int = 0, vocab: int = 1000, width: int = 64) -> nn.Module:
+    """A tiny `transformers` classifier of `family` ("bert", "gpt2", "llama") sized like
+    `TextTransformer`: 2 layers, width 64, 4 heads (Llama: 2 key-value heads), feed-forward 128,
+    vocabulary 1000, `TEXT_CLASSES` labels, dropout 0, eval mode, sdpa attention (the default)."""
+    import transformers as t  # an optional dependency of the bench, like the peers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "bert":
+            config = t.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=2 * width, max_position_embeddings=64, num_labels=TEXT_CLASSES,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            model = t.BertForSequenceClassification(config)
+        elif family == "gpt2":
+            config = t.GPT2Config(vocab_size=vocab, n_embd=width, n_layer=2, n_head=4, n_inner=2 * width,
+                                  n_positions=64, num_labels=TEXT_CLASSES, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            model = t.GPT2ForSequenceClassification(config)
+        elif family == "llama":
+            config = t.LlamaConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=2 * width, max_position_embeddings=64,
+                                   num_labels=TEXT_CLASSES, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+            model = t.LlamaForSequenceClassification(config)
+        else:
+            raise KeyError(family)
+    return model.eval()
+
+
+def _hf(family: str, n: int, seed: int) -> Bench:
+    """Token ids 2..vocab of random lengths 16..32, right-padded with 0 to `TEXT_LENGTH`."""
+    g = torch.Generator().manual_seed(seed)
+    model = HFPacked(hf_classifier(family))
+    ids = torch.randint(2, 1000, (n, TEXT_LENGTH), generator=g)
+    lengths = torch.randint(TEXT_LENGTH // 2, TEXT_LENGTH + 1, (n,), generator=g)
+    mask = (torch.arange(TEXT_LENGTH)[None] < lengths[:, None]).long()
+    labels = torch.randint(0, TEXT_CLASSES, (n,), generator=g)
+    return Bench(f"hf_{family}", model, torch.stack([ids * mask, mask], 1), labels, class_vs_rest, labels,
+                 nn.functional.cross_entropy)
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 MODELS: dict[str, Callable[[int, int], Bench] | None] = {
     "mlp": _mlp,
     "mnist_cnn": lambda n, seed: _classifier("mnist_cnn", mnist_cnn(0), (1, 28, 28), n, seed),
@@ -298,6 +359,8 @@ MODELS: dict[str, Callable[[int, int], Bench] | None] = {
     "registration": _registration,
     "transformer": _transformer,
     "resnet": _resnet,
+    **{f"hf_{family}": (lambda n, seed, family=family: _hf(family, n, seed)) if _has_transformers() else None
+       for family in ("bert", "gpt2", "llama")},
 }
 
 DESCRIPTIONS = {
@@ -310,6 +373,11 @@ DESCRIPTIONS = {
     "transformer": "text transformer (bench/models.py TextTransformer: Embedding(1000, 64), 2 x "
                    "TransformerEncoderLayer(64, 4 heads, ffn 128, batch_first), mean pooling, Linear(64, 4); "
                    "131k params, eval mode, input (N, 32) tokens, class_vs_rest, d=1)",
+    **{f"hf_{family}": f"Hugging Face {name} (transformers {name}ForSequenceClassification, 2 layers, width 64, "
+                        "4 heads, ffn 128, vocabulary 1000, dropout 0, eval mode, sdpa attention; input (N, 32) token "
+                        "ids of random lengths 16-32, right-padded, with their attention mask, packed as (N, 2, 32) "
+                        "and passed as keywords by HFPacked; class_vs_rest on the logits, d=1)"
+       for family, name in (("bert", "Bert"), ("gpt2", "GPT2"), ("llama", "Llama"))},
     "resnet": "ResNet-8 with BatchNorm (bench/models.py ResNet8: widths 16/32/64, 78k params, eval mode with "
               "calibrated running statistics, input (N, 3, 32, 32), class_vs_rest, d=1; epoch in training mode)",
 }
@@ -462,16 +530,6 @@ def correlation_from_gram(K: Tensor) -> Tensor:
     return torch.einsum("xyac,yac->xy", left, factor)
 
 
-def layerwise_grads(b: Bench, chunk: int | None = None) -> Tensor:
-    """G materialised from netsim's layer-wise factors, `(N, d, p)`, in the chunks the library
-    uses (`engine_for`: sized from its one-sample probe; without the probe every model got 256
-    samples per chunk, e.g. 6 GB of unfolded inputs for the registration net)."""
-    from netsim import layerwise
-    from netsim.engine import engine_for
-    engine = engine_for(b.model, b.inputs, b.output_fn, b.targets, chunk, "layerwise")
-    return torch.cat([layerwise.materialise(rep) for _, rep in engine.chunks(b.inputs, b.targets)])
-
-
 def ours_soft_density(b: Bench, method: str) -> Tensor:
     return netsim.soft_density(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets, method=method)
 
@@ -481,6 +539,7 @@ def ours_similarity(b: Bench, method: str) -> Tensor:
                              kind="correlation", reduce="trace", method=method)
 
 
-def ours_grads(b: Bench) -> Tensor:
-    """`(N, d, p)` G from `netsim.per_sample_grads` (the Jacobian engine)."""
-    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets, method="jacobian")
+def ours_grads(b: Bench, method: str = "jacobian") -> Tensor:
+    """`(N, d, p)` G from `netsim.per_sample_grads` with `method` (the layer-wise engine writes
+    each chunk's per-layer gradients straight into the result)."""
+    return netsim.per_sample_grads(b.model, b.inputs, output_fn=b.output_fn, targets=b.targets, method=method)

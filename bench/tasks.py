@@ -22,7 +22,7 @@ import peers as P
 from flops import GramMeter, bench_engine, similarity_plan
 from timing import WARMUP, maxrss_mb, probe_seconds, repeat, result_row, rss_mb
 
-TASKS = ("epoch", "grads:jacobian", "grads:layerwise", "soft:layerwise", "soft:jacobian", "soft:auto",
+TASKS = ("epoch", "grads:jacobian", "grads:layerwise", "grads:auto", "soft:layerwise", "soft:jacobian", "soft:auto",
          "sim:layerwise", "sim:jacobian", "sim:auto", "naive", "vmap", *(f"peer:{m}" for m in P.PEERS))
 TASK_NAMES = baselines.DENSE_TASKS
 PROBE = 64            # samples of the timed probe used for projections
@@ -85,7 +85,7 @@ def task_functions(task: str, b, mm_gflops: float):
 def ours_task(b, kind: str, method: str, rate: float):
     """One of our engines (`method`) on G ("grads"), the soft density ("soft") or the N x N
     similarity ("sim"), whose gram calls are also metered (seconds, executed flops)."""
-    fn = {"grads": (M.ours_grads if method == "jacobian" else M.layerwise_grads),
+    fn = {"grads": lambda bb: M.ours_grads(bb, method),
           "soft": lambda bb: M.ours_soft_density(bb, method),
           "sim": lambda bb: M.ours_similarity(bb, method)}[kind]
     meter = GramMeter() if kind == "sim" else None
@@ -95,9 +95,9 @@ def ours_task(b, kind: str, method: str, rate: float):
         if kind != "sim":
             return t * n / probe.n
         plan = similarity_plan(b, method)
-        ev_p, pairs_p = plan["counts"](probe.n)
-        ev, pairs = plan["counts"](n)
-        return t / ev_p * ev + pairs * plan["pair_flops"] / (GRAM_EFF * rate)
+        ev_p, _ = plan["counts"](probe.n)
+        ev, _ = plan["counts"](n)
+        return t / ev_p * ev + plan["flops"](n) / (GRAM_EFF * rate)
 
     def rows_from(run, projected, cap, reps, rep_budget, rss0):
         extra = {"projected_s": projected}

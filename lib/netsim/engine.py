@@ -102,7 +102,10 @@ class JacobianEngine:
         nx, d, p = rx.shape
         ny = ry.shape[0]
         if trace:  # Tr(A B^T) is one flattened dot: a single (nx, d p) x (d p, ny) GEMM
-            return rx.reshape(nx, d * p) @ ry.reshape(ny, d * p).T
+            if rx is not ry:
+                return rx.reshape(nx, d * p) @ ry.reshape(ny, d * p).T
+            flat = rx.reshape(nx, d * p)   # a block with itself: the upper tiles, mirrored
+            return layerwise.mirror_upper_(layerwise.add_gram_(flat.new_zeros(nx, nx), flat, flat, True))
         return (rx.reshape(nx * d, p) @ ry.reshape(ny * d, p).T).reshape(nx, d, ny, d).permute(0, 2, 1, 3)
 
     @staticmethod

@@ -368,12 +368,17 @@ def per_sample_grads(
     selected = trainable_parameters(model, params)
     length = source.length
     out, parts = None, []
+    p = sum(t.numel() for t in selected.values())
     for start, rep in engine_chunks(engine, source):
-        J = rep if engine.name == "jacobian" else materialise(rep, selected)
+        n, d = engine.shape(rep)
         if length is None:  # unknown length (a generator): the chunks are joined at the end
-            parts.append(J)
+            parts.append(rep if engine.name == "jacobian" else materialise(rep, selected))
             continue
         if out is None:  # preallocated: concatenating chunks would briefly hold G twice
-            out = J.new_empty((length, *J.shape[1:]))
-        out[start:start + J.shape[0]] = J
+            first = next(iter(selected.values()))
+            out = torch.empty((length, d, p), dtype=first.dtype, device=first.device)
+        if engine.name == "jacobian":
+            out[start:start + n] = rep
+        else:   # the layer-wise blocks written in place: no chunk-sized copy in between
+            materialise(rep, selected, out=out[start:start + n])
     return torch.cat(parts) if length is None else out

@@ -371,11 +371,14 @@ def _embedding_rule(module: nn.Embedding, params, x: Tensor, delta: Tensor):
     if module.max_norm is not None:  # renormalises rows in place during the forward: generic rule
         return None
     n, d = delta.shape[:2]
-    onehot = F.one_hot(x.reshape(n, -1), module.num_embeddings).to(delta.dtype)   # (n, T, vocab)
-    if module.padding_idx is not None:
-        onehot[..., module.padding_idx] = 0.0     # F.embedding gives that row no gradient
-    ds = delta.reshape(n, d, onehot.shape[1], module.embedding_dim)
-    return DenseFactors(torch.einsum("ntv,nate->nave", onehot, ds).reshape(n, d, -1))
+    ids = x.reshape(n, 1, -1, 1)                                     # (n, 1, T, 1)
+    ds = delta.reshape(n, d, ids.shape[2], module.embedding_dim)
+    if module.padding_idx is not None:          # F.embedding gives that row no gradient
+        ds = ds.masked_fill(ids == module.padding_idx, 0.0)
+    # Each token's Delta added into its row: O(T dim) per sample and output, not a one-hot product.
+    grads = ds.new_zeros(n, d, module.num_embeddings, module.embedding_dim)
+    grads.scatter_add_(2, ids.expand(ds.shape), ds)
+    return DenseFactors(grads.reshape(n, d, -1))
 
 
 def _affine_grads(params, x_hat: Tensor, delta: Tensor, positions: tuple[int, ...]) -> DenseFactors:
@@ -610,29 +613,50 @@ def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) ->
     return out
 
 
-def materialise(factors: list, parameters: dict[str, Tensor] | None = None) -> Tensor:
+def materialise(factors: list, parameters: dict[str, Tensor] | None = None, out: Tensor | None = None) -> Tensor:
     """The full `(n, d, p)` Jacobians from the factors, their parameters in the factors' order or,
     given `parameters` ({full name: parameter}, e.g. `trainable_parameters(model)`), in its order:
-    the layout of `per_sample_grads`."""
-    entries = []
-    for f in factors:
-        if isinstance(f, DenseFactors):
-            entries.append(f.grads)
-        else:
-            n, d, out = f.delta.shape
-            entries.append(torch.cat(([torch.einsum("nao,ni->naoi", f.delta, f.x).reshape(n, d, -1)] if f.weight
-                                      else []) + ([f.delta] if f.bias else []), 2))
-    if parameters is None:
-        return torch.cat(entries, 2)
-    pieces = {}
-    for f, grads in zip(factors, entries):
-        offset = 0
-        for name in f.names:
-            size = parameters[name].numel()
-            pieces[name] = grads[:, :, offset:offset + size]
+    the layout of `per_sample_grads`. Each block is written straight into `out` (a `(n, d, p)`
+    tensor, e.g. a slice of a preallocated result) when given, else into a new tensor."""
+    sizes = None if parameters is None else {name: p.numel() for name, p in parameters.items()}
+    blocks = [block for f in factors for block in _parameter_blocks(f, sizes)]   # [(name, columns, write)]
+    columns, offset = {}, 0
+    for name, size in (sizes or {}).items():
+        columns[name] = slice(offset, offset + size)
+        offset += size
+    if sizes is None:   # the factors' own order
+        for k, (_, size, _) in enumerate(blocks):
+            columns[k] = slice(offset, offset + size)
             offset += size
-    return torch.cat([pieces[name] for name in parameters], 2)
+    if out is None:
+        first = factors[0].grads if isinstance(factors[0], DenseFactors) else factors[0].delta
+        out = first.new_empty(*first.shape[:2], offset)
+    for k, (name, _, write) in enumerate(blocks):
+        write(out[:, :, columns[k if sizes is None else name]])
+    return out
 
+
+def _parameter_blocks(f, sizes: dict[str, int] | None) -> list:
+    """`(parameter name, columns, write(target (n, d, columns)))` of an entry: one per parameter given
+    their `sizes`, else the dense block whole and a Linear layer's weight and bias."""
+    if isinstance(f, DenseFactors):
+        if sizes is None:
+            return [(None, f.grads.shape[2], lambda target: target.copy_(f.grads))]
+        blocks, offset = [], 0
+        for name in f.names:
+            part = f.grads[:, :, offset:offset + sizes[name]]
+            blocks.append((name, sizes[name], lambda target, part=part: target.copy_(part)))
+            offset += sizes[name]
+        return blocks
+    names = iter(f.names if sizes is not None else ())
+    n, d, width = f.delta.shape
+    blocks = []
+    if f.weight:   # grad_W^a = delta^a x^T, an outer product written in place
+        blocks.append((next(names, None), width * f.x.shape[1], lambda target: torch.mul(
+            f.delta.unsqueeze(3), f.x[:, None, None, :], out=target.view(n, d, width, f.x.shape[1]))))
+    if f.bias:
+        blocks.append((next(names, None), width, lambda target: target.copy_(f.delta)))
+    return blocks
 
 def transform(factors: list, left: Tensor) -> list:
     """Left-multiplies every sample's Jacobian by a `(n, d, d)` matrix (e.g. K(x, x)^-1/2).
@@ -654,7 +678,9 @@ def gram(fx: list, fy: list, *, trace: bool) -> Tensor:
 
 def _gram_trace(fx: list, fy: list) -> Tensor:
     """Trace gram accumulated in place with two reused (nx, ny) buffers: fresh N x N outputs
-    per layer were measured to halve the GEMM rate on this machine."""
+    per layer were measured to halve the GEMM rate on this machine. A block with itself
+    (`fx is fy`) multiplies only the upper tiles of its dense entries (`add_gram_`)."""
+    symmetric = fx is fy
     total = buf_in = buf_dd = None
     for a, b in zip(fx, fy):
         left = a.grads if isinstance(a, DenseFactors) else a.delta
@@ -662,7 +688,7 @@ def _gram_trace(fx: list, fy: list) -> Tensor:
         if total is None:
             total = torch.zeros(nx, ny, dtype=left.dtype, device=left.device)
         if isinstance(a, DenseFactors):
-            total.addmm_(a.grads.reshape(nx, -1), b.grads.reshape(ny, -1).T)
+            add_gram_(total, a.grads.reshape(nx, -1), b.grads.reshape(ny, -1), symmetric)
             continue
         if buf_in is None:
             buf_in, buf_dd = torch.empty_like(total), torch.empty_like(total)
@@ -674,6 +700,39 @@ def _gram_trace(fx: list, fy: list) -> Tensor:
             buf_in.add_(1.0)
         torch.mm(a.delta.reshape(nx, -1), b.delta.reshape(ny, -1).T, out=buf_dd)
         total.addcmul_(buf_dd, buf_in)
+    return mirror_upper_(total) if symmetric else total
+
+
+#: Rows of the tiles of a symmetric gram (`add_gram_`).
+SYMMETRIC_TILE = 256
+
+
+def add_gram_(total: Tensor, a: Tensor, b: Tensor, symmetric: bool) -> Tensor:
+    """`total += a b^T` for `(nx, k)` and `(ny, k)` rows. When `symmetric` (b is a), only the tiles
+    on and above the diagonal are multiplied (about half the flops of a large block): the tiles
+    below it are left to `mirror_upper_`, which the caller runs once after its last addition."""
+    n = a.shape[0]
+    if not symmetric or n <= SYMMETRIC_TILE:
+        return total.addmm_(a, b.T)
+    for i in range(0, n, SYMMETRIC_TILE):
+        rows = slice(i, i + SYMMETRIC_TILE)
+        total[rows, i:].addmm_(a[rows], a[i:].T)
+    return total
+
+
+def symmetric_products(n: int) -> int:
+    """The (row, column) products `add_gram_` executes for a block of n rows with itself."""
+    return sum(min(SYMMETRIC_TILE, n - i) * (n - i) for i in range(0, n, SYMMETRIC_TILE)) if n > SYMMETRIC_TILE \
+        else n * n
+
+
+def mirror_upper_(total: Tensor) -> Tensor:
+    """Copies the tiles above the diagonal of a square `total` onto those below it (in place): the
+    end of a symmetric accumulation by `add_gram_` (whose diagonal tiles are complete; every other
+    symmetric addition may have filled the lower tiles too, and they are overwritten with the same sums)."""
+    n = total.shape[0]
+    for i in range(SYMMETRIC_TILE, n, SYMMETRIC_TILE):
+        total[i:, i - SYMMETRIC_TILE:i] = total[i - SYMMETRIC_TILE:i, i:].T
     return total
 
 

@@ -55,6 +55,7 @@ class JacobianEngine:
     """Full Jacobians `(n, d, p)`."""
 
     name = "jacobian"
+    tokens = False   # no per-layer factors to keep (see `LayerwiseEngine.tokens`)
 
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
                  params: ParamSpec = None):
@@ -151,6 +152,9 @@ class LayerwiseEngine:
                  probe: list | None = None, copy_records: bool | None = None, params: ParamSpec = None):
         check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn, self.params = model, output_fn, params
+        # Whether chunks keep token maps as per-token factors (`layerwise.factorise_layout(tokens=)`):
+        # set by the consumers that sketch them (`SimilarityIndex`), never the kernels'.
+        self.tokens = False
         # The one-sample probe that selected this engine: its size per sample, and its layout
         # (layer kinds, parameter names), which `tangent` maps sums back to parameters with.
         self._template = probe
@@ -166,7 +170,7 @@ class LayerwiseEngine:
             try:  # once copies were needed they are made from the start; until then, checked per chunk
                 factors, self.copy_records = layerwise.factorise_layout(
                     self.model, index_inputs(inputs, slice(start, start + self.chunk)), self.output_fn, sub,
-                    copy=True if self.copy_records else None, params=self.params)
+                    copy=True if self.copy_records else None, params=self.params, tokens=self.tokens)
             except NonFiniteError as error:
                 raise error.shifted(start) from None
             yield start, factors
@@ -186,13 +190,12 @@ class LayerwiseEngine:
 
     @staticmethod
     def nbytes(rep: list) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(rep))
+        return sum(t.numel() * t.element_size() for t in layerwise.entry_tensors(rep))
 
     @staticmethod
     def shape(rep: list) -> tuple[int, int]:
         """(n samples, d outputs)."""
-        f = rep[0]
-        return tuple((f.grads if isinstance(f, layerwise.DenseFactors) else f.delta).shape[:2])
+        return layerwise.entry_shape(rep[0])
 
     @staticmethod
     def cat(reps: list[list]) -> list:
@@ -231,10 +234,6 @@ class LayerwiseEngine:
                 m = f.delta.abs().amax((1, 2)) * f.x.abs().amax(1).clamp_min(1.0)
             out = m if out is None else torch.maximum(out, m)
         return out
-
-
-def _tensors(factors: list) -> list[Tensor]:
-    return [t for f in factors for t in ((f.grads,) if isinstance(f, layerwise.DenseFactors) else (f.x, f.delta))]
 
 
 #: How many model structures `method="auto"` remembers its measured choice for.
@@ -306,7 +305,7 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
         _left_out("layerwise", error)
         return jacobian
     engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
-    d, itemsize = LayerwiseEngine.shape(probe)[1], _tensors(probe)[0].element_size()
+    d, itemsize = LayerwiseEngine.shape(probe)[1], layerwise.entry_tensors(probe)[0].element_size()
     key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
     if key not in _AUTO_CHOICES:
         _AUTO_CHOICES[key] = _faster([engine, jacobian], inputs, targets, d, itemsize, clock)

@@ -47,7 +47,7 @@ from .by_module import jacobian_layout, layerwise_layout, parameter_modules
 from .checks import check_choice, check_data, check_model, check_positive_int, model_device
 from .data import as_source
 from .density import soft_normaliser
-from .engine import LayerwiseEngine, check_engine_options
+from .engine import LayerwiseEngine, _left_out, check_engine_options
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
     KINDS,
@@ -227,14 +227,17 @@ class SimilarityIndex:
 
     @classmethod
     def _new_manifest(cls, model, source, settings, output_fn, chunk_size, method, params) -> dict:
-        engine = engine_for_data(model, source, output_fn, chunk_size, method, params)
+        sketched = settings["sketch"] is not None
+        engine = _sketch_engine(model, source, output_fn, chunk_size, params) if sketched and method == "auto" \
+            else engine_for_data(model, source, output_fn, chunk_size, method, params)
         d = data_output_dim(model, source, output_fn)
         inputs, targets = source.first(engine.chunk)
+        engine.tokens = sketched
         rep = _entries(next(engine.chunks(inputs, targets))[1], model, params)
         plan = None if settings["sketch"] is None else plan_sketch(rep, settings["sketch"], settings["seed"])
         stored = rep if plan is None else Sketch(plan).apply(rep)
         return {"format": store.FORMAT, "settings": settings, "engine": engine.name, "d": d,
-                "layout": _entry_layout(rep), "sketch_plan": plan, "values_per_sample": _values_per_sample(stored),
+                "layout": _entry_layout(stored), "sketch_plan": plan, "values_per_sample": _values_per_sample(stored),
                 "versions": {"netsim": __version__, "torch": torch.__version__, "numpy": np.__version__},
                 "count": None, "complete": False, "shards": [], "calibration": None, "build_wall_s": 0.0}
 
@@ -300,10 +303,11 @@ class SimilarityIndex:
             bar.close()
 
     def _stored(self, rep, offset: int) -> Rep:
-        """A chunk as it is stored: checked for zero gradients, split by module, sketched."""
+        """A chunk as it is stored: split by module, sketched, checked for zero (sketched) gradients."""
         rep = _entries(rep, self.model, self.params)
+        rep = self._sketch.apply(rep) if self._sketch is not None else rep
         left_factor(rep, "correlation", None, self.manifest["settings"]["on_zero"], offset, ENGINE)
-        return self._sketch.apply(rep) if self._sketch is not None else rep
+        return rep
 
     def _elapsed(self) -> float:
         """Wall seconds spent building, over every (resumed) attempt so far."""
@@ -329,8 +333,10 @@ class SimilarityIndex:
 
     # ------------------------------------------------------------------ representations
     def _engine(self, source):
-        return engine_for_data(self.model, source, self.output_fn, self.chunk_size, self.manifest["engine"],
-                               self.params)
+        engine = engine_for_data(self.model, source, self.output_fn, self.chunk_size, self.manifest["engine"],
+                                 self.params)
+        engine.tokens = self._sketch is not None   # token maps are sketched from their per-token factors
+        return engine
 
     def _query_reps(self, xs, targets, targets_key, block: int | None = None) -> Iterator[tuple[int, Rep]]:
         """`(offset, stored-like representation)` of query data, chunk by chunk (checked like the
@@ -340,9 +346,10 @@ class SimilarityIndex:
         engine = self._engine(source)
         for offset, rep in engine_chunks(engine, source, block=block):
             rep = _entries(rep, self.model, self.params)
+            rep = self._sketch.apply(rep) if self._sketch is not None else rep
             if _entry_layout(rep) != self.manifest["layout"]:
                 raise ValueError("the queries' layer layout differs from the index's: not the same model structure")
-            yield offset, self._sketch.apply(rep) if self._sketch is not None else rep
+            yield offset, rep
 
     def _shards(self) -> Iterator[tuple[dict, Rep]]:
         for meta in self.manifest["shards"]:
@@ -580,6 +587,17 @@ class SimilarityIndex:
         self.manifest["calibration"] = report
         store.write_json(self.path / store.MANIFEST, self.manifest)
         return report
+
+
+def _sketch_engine(model: nn.Module, source, output_fn, chunk_size, params):
+    """The engine of a sketched build with `method="auto"`: the layer-wise one wherever its rules take
+    the model (it projects per-layer factors, and token maps per token, so no p-long gradient is
+    ever formed), else the Jacobian one."""
+    try:
+        return engine_for_data(model, source, output_fn, chunk_size, "layerwise", params)
+    except Exception as error:  # noqa: BLE001 -- as auto: any engine failure, and it goes on without it
+        _left_out("layerwise", error)
+        return engine_for_data(model, source, output_fn, chunk_size, "jacobian", params)
 
 
 def _values_per_sample(rep: Rep) -> int:

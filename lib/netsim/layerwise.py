@@ -12,14 +12,16 @@ rule stores:
   samples is (Delta_x . Delta_y) * (X_x . X_y + 1), O(n m (in + out)) instead of
   O(n m in out). Tiny layers (e.g. 2 inputs or 1 output) are materialised instead, as their
   factored grams would starve the GEMMs.
-- Linear on `(n, *positions, in)` inputs (tokens): the weight is shared by the positions, the
-  per-sample gradient is sum_t Delta_t^T X_t, materialised ("dense" entries, `DenseFactors`:
-  `(n, d, out in + out)`) by one einsum. A factored form would cost O(n m T^2 (in + d out))
-  per gram block against O(n m d out in): cheaper only for few tokens and wide layers.
+- Linear on `(n, *positions, in)` inputs (tokens), Hugging Face's `Conv1D`: the weight is shared by
+  the positions, the per-sample gradient is sum_t Delta_t^T X_t, materialised ("dense" entries,
+  `DenseFactors`: `(n, d, out in + out)`) by one einsum. A factored form would cost
+  O(n m T^2 (in + d out)) per gram block against O(n m d out in): cheaper only for few tokens and
+  wide layers. With `tokens=True` these maps (and embeddings) stay as their per-token factors
+  (`TokenFactors`), which the sketches of `netsim.sketch` project token by token.
 - Conv1d / Conv2d (groups = 1, zero padding): per-sample gradients by `unfold`,
   Delta (out, P) @ U(P, in k)^T ("dense").
-- Embedding (no `max_norm`): the per-sample gradient scatters Delta_t into the rows of the
-  sample's tokens (one-hot @ Delta, "dense" `(n, d, vocab dim)`; the `padding_idx` row stays zero).
+- Embedding (no `max_norm`): the per-sample gradient adds Delta_t into the rows of the sample's
+  tokens (`scatter_add`, "dense" `(n, d, vocab dim)`; the `padding_idx` row stays zero).
 - LayerNorm, GroupNorm, BatchNorm1d/2d/3d in eval mode with running statistics: output =
   x_hat * weight + bias with x_hat the normalised input (recomputed from the recorded input;
   for BatchNorm from the running statistics), so grad_weight = sum over positions of
@@ -95,6 +97,72 @@ class DenseFactors:
 
     grads: Tensor
     names: tuple = ()
+
+
+@dataclass
+class TokenFactors:
+    """A map shared by the token positions, its per-sample gradients kept as per-token factors
+    (`factorise(..., tokens=True)`, for the sketches of `netsim.sketch`; `dense` forms them):
+
+    - "linear" (weight `(out, in)`): grad_W^a = sum_t delta_t^a x_t^T, grad_b^a = sum_t delta_t^a;
+    - "transposed" (weight `(in, out)`, Hugging Face's `Conv1D`): grad_W^a = sum_t x_t delta_t^a^T;
+    - "embedding" (weight `(vocab, dim)`): grad_W^a = sum_t e_{id_t} delta_t^a^T, the rows of the
+      looked-up ids (a padding row's deltas are already zero).
+
+    Attributes:
+        x: `(n, T, in)` inputs at each position, or `(n, T)` token ids (embedding).
+        delta: `(n, d, T, out)` output gradients at each position.
+        kind: "linear", "transposed" or "embedding".
+        weight, bias: which parameters are selected (an embedding: the weight only).
+        rows: an embedding's vocabulary size (its weight's first dimension).
+        names: full parameter names (weight, bias).
+    """
+
+    x: Tensor
+    delta: Tensor
+    kind: str
+    weight: bool = True
+    bias: bool = False
+    rows: int = 0
+    names: tuple = ()
+
+    def dense(self) -> DenseFactors:
+        """The materialised `(n, d, p_layer)` per-sample gradients (weight, then bias)."""
+        n, d, t, width = self.delta.shape
+        if self.kind == "embedding":
+            grads = self.delta.new_zeros(n, d, self.rows, width)
+            grads.scatter_add_(2, self.x.reshape(n, 1, t, 1).expand(self.delta.shape), self.delta)
+            return DenseFactors(grads.reshape(n, d, -1), self.names)
+        parts = []
+        if self.weight:
+            pattern = "nato,nti->naio" if self.kind == "transposed" else "nato,nti->naoi"
+            parts.append(torch.einsum(pattern, self.delta, self.x).reshape(n, d, -1))
+        if self.bias:
+            parts.append(self.delta.sum(2))
+        return DenseFactors(torch.cat(parts, 2) if len(parts) > 1 else parts[0], self.names)
+
+    def split(self) -> list[TokenFactors]:
+        """One entry per selected parameter (weight, bias)."""
+        if not (self.weight and self.bias):
+            return [self]
+        return [TokenFactors(self.x, self.delta, self.kind, True, False, self.rows, self.names[:1]),
+                TokenFactors(self.x, self.delta, self.kind, False, True, self.rows, self.names[1:])]
+
+
+@dataclass
+class TokenSum:
+    """A parameter used by several token modules (tied weights: GPT-2's `lm_head` and token
+    embedding): its per-sample gradient is the sum of the `parts`' (`TokenFactors` of that
+    parameter alone)."""
+
+    parts: list
+    names: tuple = ()
+
+    def dense(self) -> DenseFactors:
+        grads = self.parts[0].dense().grads.clone()
+        for part in self.parts[1:]:
+            grads += part.dense().grads
+        return DenseFactors(grads, self.names)
 
 
 def _param_modules(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
@@ -303,7 +371,7 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
-    if x.ndim != 2:
+    if x.ndim != 2:   # over token positions
         return _positions_linear(x, delta, "weight" in params, "bias" in params)
     factors = LinearFactors(x=x, delta=delta, bias="bias" in params, weight="weight" in params)
     n, d, out = delta.shape
@@ -315,25 +383,17 @@ def _linear_rule(module: nn.Linear, params, x: Tensor, delta: Tensor):
     return factors
 
 
-def _positions_linear(x: Tensor, delta: Tensor, weight: bool, bias: bool, transposed: bool = False
-                      ) -> DenseFactors:
-    """A linear map applied at every position of `x` `(n, *positions, in)`, `delta` `(n, d, *positions, out)`:
-    per-sample gradients sum_t Delta_t^T X_t (weight, `(n, d, out in)`, or `(n, d, in out)` for a
-    weight stored `transposed` as `(in, out)`) and sum_t Delta_t (bias)."""
+def _positions_linear(x: Tensor, delta: Tensor, weight: bool, bias: bool, kind: str = "linear") -> TokenFactors:
+    """A linear map applied at every position of `x` `(n, *positions, in)`, `delta` `(n, d, *positions, out)`,
+    as per-token factors (`TokenFactors`, of `kind` "linear" or "transposed")."""
     n, d = delta.shape[:2]
     xs = x.reshape(n, -1, x.shape[-1])
-    ds = delta.reshape(n, d, xs.shape[1], delta.shape[-1])
-    parts = []
-    if weight:
-        parts.append(torch.einsum("nato,nti->naio" if transposed else "nato,nti->naoi", ds, xs).reshape(n, d, -1))
-    if bias:
-        parts.append(ds.sum(2))
-    return DenseFactors(torch.cat(parts, 2))
+    return TokenFactors(xs, delta.reshape(n, d, xs.shape[1], delta.shape[-1]), kind, weight, bias)
 
 
-def _transposed_linear_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> DenseFactors:
+def _transposed_linear_rule(module: nn.Module, params, x: Tensor, delta: Tensor) -> TokenFactors:
     """Hugging Face's `Conv1D` (GPT-2): x @ weight + bias, the weight stored `(in, out)`."""
-    return _positions_linear(x, delta, "weight" in params, "bias" in params, transposed=True)
+    return _positions_linear(x, delta, "weight" in params, "bias" in params, kind="transposed")
 
 
 def _rms_norm_rule(module: nn.Module, params, x: Tensor, delta: Tensor):
@@ -371,14 +431,12 @@ def _embedding_rule(module: nn.Embedding, params, x: Tensor, delta: Tensor):
     if module.max_norm is not None:  # renormalises rows in place during the forward: generic rule
         return None
     n, d = delta.shape[:2]
-    ids = x.reshape(n, 1, -1, 1)                                     # (n, 1, T, 1)
-    ds = delta.reshape(n, d, ids.shape[2], module.embedding_dim)
+    ids = x.reshape(n, -1)
+    ds = delta.reshape(n, d, ids.shape[1], module.embedding_dim)
     if module.padding_idx is not None:          # F.embedding gives that row no gradient
-        ds = ds.masked_fill(ids == module.padding_idx, 0.0)
-    # Each token's Delta added into its row: O(T dim) per sample and output, not a one-hot product.
-    grads = ds.new_zeros(n, d, module.num_embeddings, module.embedding_dim)
-    grads.scatter_add_(2, ids.expand(ds.shape), ds)
-    return DenseFactors(grads.reshape(n, d, -1))
+        ds = ds.masked_fill((ids == module.padding_idx)[:, None, :, None], 0.0)
+    # per-token factors: `dense` adds each token's Delta into its row (scatter_add, not a one-hot product)
+    return TokenFactors(ids, ds, "embedding", rows=module.num_embeddings)
 
 
 def _affine_grads(params, x_hat: Tensor, delta: Tensor, positions: tuple[int, ...]) -> DenseFactors:
@@ -496,13 +554,18 @@ def factorise(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = Non
 
 def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                      targets: Tensor | None = None, *, copy: bool | None = None,
-                     params: ParamSpec = None, verify: bool = False) -> tuple[list, bool]:
+                     params: ParamSpec = None, verify: bool = False, tokens: bool = False) -> tuple[list, bool]:
     """`factorise`, and whether the recording needed copies (pass it as `copy` next time).
 
     With `verify` (the engines' one-sample probe), the same backward passes also give the
     gradient of each parameter summed over the chunk, by autograd, and the factors must add up
     to it: a parameter also used outside its module's forward (`x @ self.enc.weight` in a
     parent's forward), which no hook sees, raises `UnsupportedModel` instead of a wrong kernel.
+
+    With `tokens`, the maps shared by token positions (Linear over tokens, `Conv1D`, Embedding,
+    attention projections) stay as per-token factors (`TokenFactors`; a tied parameter used only
+    by such maps: `TokenSum`), whose `(n, d, out in)` gradients are never formed: for the
+    sketches of `netsim.sketch`. The other kernel operations of this module take dense entries.
     """
     check_model(model)
     check_batch(model, inputs, targets)
@@ -540,12 +603,13 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
         for entry in entries:   # the names of `named_parameters` (the first owner's, for a tied parameter)
             entry.names = tuple(full_names[id(local[k])] for k in entry.names)
         factors += entries
-    factors = _merge_tied(factors, {k: p.numel() for k, p in selected.items()})
+    sizes = {k: p.numel() for k, p in selected.items()}
+    factors = _merge_tied(_tied_token_sums(factors) if tokens else [_dense(f) for f in factors], sizes)
     if verify:
         _check_sums(factors, selected, totals)
     bad = torch.zeros(input_rows(inputs), dtype=torch.bool, device=out.device)
-    for f in factors:
-        for t in (f.grads,) if isinstance(f, DenseFactors) else (f.x, f.delta):
+    for t in entry_tensors(factors):
+        if t.is_floating_point():
             bad |= nonfinite_rows(t)
     if bool(bad.any()):
         raise nonfinite_error(model, inputs, output_fn, targets, bad)
@@ -567,6 +631,53 @@ def _check_sums(factors: list, selected: dict[str, Tensor], totals: list[Tensor]
             raise UnsupportedModel(f"parameter {name!r} is also used outside its module's forward (e.g. a weight "
                                    "read directly in a parent's forward), where no layer-wise rule sees it "
                                    "(method='jacobian' handles it)")
+
+
+def _dense(f):
+    """A token entry as `DenseFactors` (its gradients formed); any other entry as it is."""
+    return f.dense() if isinstance(f, (TokenFactors, TokenSum)) else f
+
+
+def entry_tensors(factors: list) -> list[Tensor]:
+    """The tensors an entry list holds (sizes, devices, finiteness)."""
+    out = []
+    for f in factors:
+        if isinstance(f, TokenSum):
+            out += entry_tensors(f.parts)
+        else:
+            out += [f.grads] if isinstance(f, DenseFactors) else [f.x, f.delta]
+    return out
+
+
+def entry_shape(f) -> tuple[int, int]:
+    """(n samples, d outputs) of an entry."""
+    if isinstance(f, TokenSum):
+        f = f.parts[0]
+    return tuple((f.grads if isinstance(f, DenseFactors) else f.delta).shape[:2])
+
+
+def _tied_token_sums(factors: list) -> list:
+    """Tied parameters in token mode: one `TokenSum` (at the first use) per parameter every use of
+    which is a token entry, those entries split per parameter; a token entry sharing a parameter
+    with a dense entry is formed (`_merge_tied` then adds them up as dense blocks)."""
+    uses = Counter(name for f in factors for name in f.names)
+    tied = {name for name, count in uses.items() if count > 1}
+    if not tied:
+        return factors
+    pieces = [piece for f in factors for piece in (f.split() if isinstance(f, TokenFactors) and
+                                                   tied & set(f.names) else [f])]
+    token_only = {name for name in tied if all(isinstance(f, TokenFactors) for f in pieces if name in f.names)}
+    out, sums = [], {}
+    for f in pieces:
+        name = f.names[0] if len(f.names) == 1 else None
+        if name in token_only and name in sums:
+            sums[name].parts.append(f)
+        elif name in token_only:
+            sums[name] = TokenSum([f], (name,))
+            out.append(sums[name])
+        else:
+            out.append(_dense(f) if tied & set(f.names) else f)
+    return out
 
 
 def _merge_tied(factors: list, sizes: dict[str, int]) -> list:
@@ -629,8 +740,7 @@ def materialise(factors: list, parameters: dict[str, Tensor] | None = None, out:
             columns[k] = slice(offset, offset + size)
             offset += size
     if out is None:
-        first = factors[0].grads if isinstance(factors[0], DenseFactors) else factors[0].delta
-        out = first.new_empty(*first.shape[:2], offset)
+        out = entry_tensors(factors[:1])[-1].new_empty(*entry_shape(factors[0]), offset)
     for k, (name, _, write) in enumerate(blocks):
         write(out[:, :, columns[k if sizes is None else name]])
     return out
@@ -639,6 +749,7 @@ def materialise(factors: list, parameters: dict[str, Tensor] | None = None, out:
 def _parameter_blocks(f, sizes: dict[str, int] | None) -> list:
     """`(parameter name, columns, write(target (n, d, columns)))` of an entry: one per parameter given
     their `sizes`, else the dense block whole and a Linear layer's weight and bias."""
+    f = _dense(f)
     if isinstance(f, DenseFactors):
         if sizes is None:
             return [(None, f.grads.shape[2], lambda target: target.copy_(f.grads))]

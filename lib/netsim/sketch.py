@@ -11,9 +11,18 @@ the kernels run on a sketch unchanged:
   x -> P_in x `(k_in,)`, delta^a -> P_out delta^a `(k_out,)`, with Gaussian P_in, P_out scaled by
   1 / sqrt(k). The per-sample gradient `(out, in)` is never formed, and the sketched gram stays
   factored: (P_out delta . P_out delta')(P_in x . P_in x' + 1).
-- Dense entries (convolutions, norms, embeddings, attention, the full Jacobian of the Jacobian
-  engine): a count sketch -- each parameter goes to one of k buckets with a random sign. These
-  per-sample gradients are already formed by their layer rule; the count sketch adds O(p_layer).
+- Dense entries (convolutions, norms, the full Jacobian of the Jacobian engine): a count sketch --
+  each parameter goes to one of k buckets with a random sign. These per-sample gradients are
+  already formed by their layer rule; the count sketch adds O(p_layer).
+- Maps shared by token positions (`layerwise.TokenFactors`: Linear over tokens, GPT-2's `Conv1D`,
+  attention projections, embeddings), whose gradient sum_t delta_t x_t^T is never formed: a tensor
+  sketch (Pham & Pagh 2013), the count sketch of the weight `(rows, cols)` with bucket
+  h(r) + h'(c) mod k and sign s(r) s'(c). It is linear in each token's outer product, so each
+  token's two factors are count-sketched apart and multiplied in the Fourier domain, summed over
+  the tokens, and transformed back once: O(T (rows + cols + k log k)) per sample, never
+  O(T rows cols). An embedding's row factor is the one-hot of its token id: the id is hashed.
+  The hashes are keyed by parameter name, so the uses of a tied parameter (GPT-2's `lm_head` and
+  token embedding, `layerwise.TokenSum`) are sketched alike and added.
 
 Budget: `k` is the number of stored values per sample and output row, shared between the entries
 in proportion to their gradient energy (the mean squared gradient norm measured on a probe
@@ -30,25 +39,51 @@ import hashlib
 import torch
 from torch import Tensor
 
-from .layerwise import DenseFactors, LinearFactors
+from .layerwise import DenseFactors, LinearFactors, TokenFactors, TokenSum, entry_shape
 
 
 def entry_energy(factors: list) -> list[float]:
-    """Mean over the chunk's samples of each entry's squared Jacobian norm, sum_a |J^a|^2."""
-    out = []
-    for f in factors:
-        if isinstance(f, DenseFactors):
-            out.append(float((f.grads.double() ** 2).sum((1, 2)).mean()))
+    """Mean over the chunk's samples of each entry's squared Jacobian norm, sum_a |J^a|^2 (for a
+    tied parameter's `TokenSum`, the sum of its parts': their cross terms are left out)."""
+    return [float(_energy(f).mean()) for f in factors]
+
+
+def _energy(f) -> Tensor:
+    """`(n,)` sum_a |J^a|^2 of one entry, in float64."""
+    if isinstance(f, DenseFactors):
+        return (f.grads.double() ** 2).sum((1, 2))
+    if isinstance(f, TokenSum):
+        return sum(_energy(part) for part in f.parts)
+    if isinstance(f, TokenFactors):   # |sum_t delta_t x_t^T|^2 = sum_ts (delta_t . delta_s)(x_t . x_s)
+        delta = f.delta.double()
+        grams = delta @ delta.transpose(2, 3)                                      # (n, d, T, T)
+        if f.kind == "embedding":
+            same = (f.x[:, :, None] == f.x[:, None, :]).double()
+            total = (grams * same[:, None]).sum((1, 2, 3))
         else:
-            inputs = ((f.x.double() ** 2).sum(1) if f.weight else 0.0) + (1.0 if f.bias else 0.0)
-            out.append(float(((f.delta.double() ** 2).sum((1, 2)) * inputs).mean()))
-    return out
+            x = f.x.double()
+            total = (grams * (x @ x.transpose(1, 2))[:, None]).sum((1, 2, 3)) if f.weight else 0.0
+            total = total + (grams.sum((2, 3)).sum(1) if f.bias else 0.0)
+        return total
+    inputs = ((f.x.double() ** 2).sum(1) if f.weight else 0.0) + (1.0 if f.bias else 0.0)
+    return (f.delta.double() ** 2).sum((1, 2)) * inputs
+
+
+def _token_weight_shape(f: TokenFactors) -> tuple[int, int]:
+    """(rows, cols) of a token entry's weight as the parameter stores it."""
+    inputs, outputs = (f.rows, f.delta.shape[3]) if f.kind == "embedding" else (f.x.shape[2], f.delta.shape[3])
+    return (inputs, outputs) if f.kind in ("transposed", "embedding") else (outputs, inputs)
 
 
 def _demand(f, d: int) -> int:
     """Values stored per sample by the exact entry."""
     if isinstance(f, DenseFactors):
         return d * f.grads.shape[2]
+    if isinstance(f, TokenSum):
+        return _demand(f.parts[0], d)
+    if isinstance(f, TokenFactors):   # stored exact as its dense gradient
+        rows, cols = _token_weight_shape(f)
+        return d * ((rows * cols if f.weight else 0) + (f.delta.shape[3] if f.bias else 0))
     return (f.x.shape[1] if f.weight else 0) + d * f.delta.shape[2]
 
 
@@ -62,11 +97,12 @@ def plan_sketch(factors: list, k: int, seed: int) -> dict:
 
     Returns:
         `{"k", "seed", "entries": [...]}`, one entry per factor: `{"kind": "exact"}`,
-        `{"kind": "count", "p", "k"}` or `{"kind": "kronecker", "in", "out", "k_in", "k_out"}`.
+        `{"kind": "count", "p", "k"}`, `{"kind": "kronecker", "in", "out", "k_in", "k_out"}` or
+        `{"kind": "tensor", "k"}` (token entries).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"sketch must be a positive int (stored values per sample and output), got {k!r}")
-    d = (factors[0].grads if isinstance(factors[0], DenseFactors) else factors[0].delta).shape[1]
+    d = entry_shape(factors[0])[1]
     energy = [max(e, 0.0) for e in entry_energy(factors)]
     floor = 1e-12 * max(max(energy), 1e-300)
     weight = [max(e, floor) for e in energy]     # an entry silent on the probe still gets a share
@@ -87,6 +123,8 @@ def plan_sketch(factors: list, k: int, seed: int) -> dict:
         share = budget * weight[i] / total if i in open_ else 0.0
         if i in exact:
             entries.append({"kind": "exact"})
+        elif isinstance(f, (TokenFactors, TokenSum)):
+            entries.append({"kind": "tensor", "k": max(1, int(share // d))})
         elif isinstance(f, DenseFactors):
             entries.append({"kind": "count", "p": f.grads.shape[2], "k": max(1, int(share // d))})
         else:
@@ -97,7 +135,7 @@ def plan_sketch(factors: list, k: int, seed: int) -> dict:
     return {"k": k, "seed": seed, "entries": entries}
 
 
-def _generator(seed: int, entry: int, part: str) -> torch.Generator:
+def _generator(seed: int, entry: int | str, part: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}/{entry}/{part}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
@@ -125,15 +163,55 @@ class Sketch:
             self._cache[key] = (bucket.to(like.device), sign.to(like))
         return self._cache[key]
 
+    def _hash(self, name: str, part: str, size: int, k: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(bucket, sign) `(size,)` of one side of a parameter, keyed by its name (tied uses agree)."""
+        key = (name, part, size, k, like.dtype, like.device)
+        if key not in self._cache:
+            g = _generator(self.plan["seed"], name, part)
+            bucket = torch.randint(0, k, (size,), generator=g)
+            sign = torch.randint(0, 2, (size,), generator=g).to(torch.float64) * 2 - 1
+            self._cache[key] = (bucket.to(like.device), sign.to(like))
+        return self._cache[key]
+
+    def _count(self, values: Tensor, name: str, part: str, k: int) -> Tensor:
+        """The count sketch `(..., k)` of the last dimension of `values`."""
+        bucket, sign = self._hash(name, part, values.shape[-1], k, values)
+        return values.new_zeros(*values.shape[:-1], k).index_add_(values.ndim - 1, bucket, values * sign)
+
+    def _tensor(self, f: TokenFactors, k: int) -> Tensor:
+        """The tensor sketch `(n, d, k)` of a token entry's per-sample gradient (see the module)."""
+        n, d, t, _ = f.delta.shape
+        out = f.delta.new_zeros(n, d, k)
+        if f.weight:
+            name = f.names[0]
+            if f.kind == "embedding":   # the one-hot of each id, hashed: its bucket holds its sign
+                bucket, sign = self._hash(name, "rows", f.rows, k, f.delta)
+                rows = f.delta.new_zeros(n, 1, t, k).scatter_(3, bucket[f.x][:, None, :, None],
+                                                             sign[f.x][:, None, :, None])
+                cols = self._count(f.delta, name, "cols", k)
+            else:
+                inputs, outputs = f.x[:, None], f.delta               # (n, 1, T, in), (n, d, T, out)
+                row_side, col_side = (inputs, outputs) if f.kind == "transposed" else (outputs, inputs)
+                rows, cols = self._count(row_side, name, "rows", k), self._count(col_side, name, "cols", k)
+            spectrum = (torch.fft.rfft(rows, dim=3) * torch.fft.rfft(cols, dim=3)).sum(2)   # (n, d, k/2 + 1)
+            out += torch.fft.irfft(spectrum, n=k, dim=2)
+        if f.bias:
+            out += self._count(f.delta.sum(2), f.names[-1], "rows", k)
+        return out
+
     def apply(self, factors: list) -> list:
-        """The sketched representation of a chunk (same entries, projected where the plan says)."""
+        """The sketched representation of a chunk (same entries, projected where the plan says;
+        token entries become dense `(n, d, k)` sketches, or their dense gradients where exact)."""
         if len(factors) != len(self.plan["entries"]):
             raise ValueError(f"the sketch plan has {len(self.plan['entries'])} entries, the representation "
                              f"{len(factors)}: not the model the plan was made for")
         out = []
         for i, (f, spec) in enumerate(zip(factors, self.plan["entries"])):
             if spec["kind"] == "exact":
-                out.append(f)
+                out.append(f.dense() if isinstance(f, (TokenFactors, TokenSum)) else f)
+            elif spec["kind"] == "tensor":
+                parts = f.parts if isinstance(f, TokenSum) else [f]
+                out.append(DenseFactors(sum(self._tensor(part, spec["k"]) for part in parts), f.names))
             elif spec["kind"] == "count":
                 bucket, sign = self._buckets(i, spec["p"], spec["k"], f.grads)
                 n, d, _ = f.grads.shape

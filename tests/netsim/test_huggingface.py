@@ -209,6 +209,24 @@ def test_the_index_holds_a_transformer_exact_and_sketched(references, tmp_path, 
     assert error["n_pairs"] == 15 and error["max_abs_err"] < 0.5   # 256 values per gradient: coarse, unbiased
 
 
+def test_a_sketched_index_never_forms_a_token_maps_gradient(references, tmp_path, monkeypatch):
+    """Token maps (GPT-2's Conv1D, its tied lm_head and embedding) are sketched from per-token factors:
+    beyond the engine's one-sample probe, no chunk's `(n, d, out in)` gradient is formed, building
+    or querying; a tied parameter's uses are sketched alike and added."""
+    from netsim import layerwise
+    model, items, _ = references["gpt2_lm"]
+    formed = []
+    dense = layerwise.TokenFactors.dense
+    monkeypatch.setattr(layerwise.TokenFactors, "dense", lambda f: formed.append(f.delta.shape[0]) or dense(f))
+    batches = [pad("gpt2_lm", items[:4]), pad("gpt2_lm", items[4:])]
+    index = netsim.SimilarityIndex.build(model, batches, tmp_path, sketch=64, shard_size=4, **call_options("gpt2_lm"))
+    index.query(batches[1], k=2, targets_key="labels")
+    kinds = {e["kind"] for e in index.manifest["sketch_plan"]["entries"]}
+    assert index.manifest["engine"] == "layerwise" and "tensor" in kinds and set(formed) == {1}
+    wte = [e for e in index.manifest["layout"] if "transformer.wte.weight" in e["names"]]
+    assert len(wte) == 1 and wte[0]["names"] == ["transformer.wte.weight"]    # the tied pair: one entry
+
+
 def test_readme_example_runs():
     """The README's Hugging Face example, as written there."""
     from transformers import BertConfig, BertForSequenceClassification

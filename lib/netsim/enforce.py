@@ -25,6 +25,7 @@ from .checks import NonFiniteError, buffers_restored_on_error, check_batch, chec
 from .data import Inputs, input_rows
 from .grads import OutputFn, run_model, trainable_parameters
 from .params import ParamSpec
+from .threads import model_lock
 
 CRITERIA = ("paper", "neg_cos", "pos_cos")
 
@@ -66,7 +67,7 @@ def batch_mean_gradient(model: nn.Module, inputs: Inputs, output_fn: OutputFn | 
     selected = list(trainable_parameters(model, params).values())
     check_batch(model, inputs, targets)
     n = input_rows(inputs)
-    with buffers_restored_on_error(model):
+    with buffers_restored_on_error(model), model_lock(model):
         out = run_model(model, inputs)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)

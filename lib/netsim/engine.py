@@ -26,6 +26,7 @@ inputs.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -46,6 +47,7 @@ from .grads import (
     num_parameters,
     trainable_parameters,
 )
+from .memory import check_budget
 from .params import ParamSpec
 
 METHODS = ("auto", "layerwise", "jacobian")
@@ -243,16 +245,16 @@ AUTO_CACHE_SIZE = 64
 AUTO_PROBE_SAMPLES = 16
 AUTO_PROBE_BYTES = 256 * 2**20
 _AUTO_CHOICES: OrderedDict[tuple, str] = OrderedDict()
+_AUTO_LOCK = threading.Lock()
 
 
 def check_engine_options(model: nn.Module, *, method: str, chunk_size: int | None, params: ParamSpec,
-                         rtol: float | None = None, max_block_bytes=...) -> None:
+                         rtol: float | None = None, memory_budget: int | None = None) -> None:
     """The option checks every kernel front-end runs before the model does: method, chunk
-    size, block size (when the function takes one), rtol, the model and the `params=` selection."""
+    size, memory budget, rtol, the model and the `params=` selection."""
     check_choice("method", method, METHODS)
     check_positive_int("chunk_size", chunk_size, optional=True)
-    if max_block_bytes is not ...:
-        check_positive_int("max_block_bytes", max_block_bytes, optional=True)
+    check_budget(memory_budget)
     check_rtol(rtol)
     check_model(model)
     trainable_parameters(model, params)
@@ -302,24 +304,28 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
             # the wrong shape) is raised from there, without a warning blaming the engine
             for _ in jacobian.chunks(index_inputs(inputs, slice(0, 1)), first):
                 pass
-        _left_out("layerwise", error)
+        left_out("layerwise", error)
         return jacobian
     engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
     d, itemsize = LayerwiseEngine.shape(probe)[1], layerwise.entry_tensors(probe)[0].element_size()
     key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
-    if key not in _AUTO_CHOICES:
-        _AUTO_CHOICES[key] = _faster([engine, jacobian], inputs, targets, d, itemsize, clock)
+    with _AUTO_LOCK:
+        choice = _AUTO_CHOICES.get(key)
+    if choice is None:   # measured outside the lock: threads timing other models are not held up
+        choice = _faster([engine, jacobian], inputs, targets, d, itemsize, clock)
+    with _AUTO_LOCK:
+        choice = _AUTO_CHOICES.setdefault(key, choice)   # a thread that measured first keeps its choice
+        _AUTO_CHOICES.move_to_end(key)
         if len(_AUTO_CHOICES) > AUTO_CACHE_SIZE:
             _AUTO_CHOICES.popitem(last=False)
-    _AUTO_CHOICES.move_to_end(key)
-    return engine if _AUTO_CHOICES[key] == engine.name else jacobian
+    return engine if choice == engine.name else jacobian
 
 
 class EngineFailedWarning(UserWarning):
     """`method="auto"` left out an engine that raised on this model."""
 
 
-def _left_out(name: str, error: Exception) -> None:
+def left_out(name: str, error: Exception) -> None:
     """Lets `auto` go on without the engine `name` that raised `error` (a data error propagates)."""
     if isinstance(error, NonFiniteError):
         raise error
@@ -336,7 +342,7 @@ def _faster(engines: list, inputs: Inputs, targets: Tensor | None, d: int, items
     `AUTO_PROBE_SAMPLES` samples, fewer where their representation would exceed
     `AUTO_PROBE_BYTES`, after an untimed run on one sample: first-call costs (vmap's tracing,
     the first allocations) are not the engine's speed. An engine that raises is left out
-    (`_left_out`); if all do, the last one's error propagates."""
+    (`left_out`); if all do, the last one's error propagates."""
     per_sample = {}
     for k, engine in enumerate(engines):
         n = AUTO_PROBE_BYTES // max(engine.bytes_per_sample(d, itemsize), 1)
@@ -354,7 +360,7 @@ def _faster(engines: list, inputs: Inputs, targets: Tensor | None, d: int, items
         except Exception as error:  # noqa: BLE001 -- auto chooses among the engines that work
             if k == len(engines) - 1 and not per_sample:
                 raise
-            _left_out(engine.name, error)
+            left_out(engine.name, error)
     return engines[min(per_sample, key=per_sample.__getitem__)].name
 
 

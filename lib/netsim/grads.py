@@ -31,6 +31,7 @@ from .checks import (
 )
 from .data import Inputs, as_source, index_inputs, input_rows
 from .params import ParamSpec, select_parameters
+from .threads import model_lock, shared_setting
 
 OutputFn = Callable[..., Tensor]
 
@@ -80,13 +81,22 @@ def unfused_attention() -> Iterator[None]:
     have no forward-mode rule either: `sdpa_kernel(SDPBackend.MATH)` keeps it to the math
     backend. Both compute the same function.
     """
-    before = torch.backends.mha.get_fastpath_enabled()
+    with shared_setting(_unfuse_attention):   # process-wide flags: switched once for all threads inside
+        yield
+
+
+def _unfuse_attention() -> Callable[[], None]:
+    """Turns the fused attention paths off; returns the function that restores them."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    math_only = sdpa_kernel(SDPBackend.MATH)
+    math_only.__enter__()
     torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+
+    def restore() -> None:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        math_only.__exit__(None, None, None)
+
+    return restore
 
 
 def run_model(model: nn.Module, inputs: Inputs):
@@ -100,7 +110,7 @@ def reduced_outputs(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None
 
     The raw output goes to `output_fn` unchanged (a tuple, a dict, a dataclass such as a Hugging
     Face `ModelOutput`); only the default (no `output_fn`) needs a tensor."""
-    with torch.no_grad():
+    with torch.no_grad(), model_lock(model):
         out = run_model(model, inputs)
         if output_fn is not None:
             out = output_fn(out) if targets is None else output_fn(out, targets)
@@ -185,6 +195,10 @@ class BatchedJacobian:
         self.loop = False
 
     def __call__(self, params: dict[str, Tensor], x: Inputs, t: Tensor | None) -> dict[str, Tensor]:
+        with model_lock(self.model):   # functional_call swaps the model's parameters: one thread at a time
+            return self._jacobians(params, x, t)
+
+    def _jacobians(self, params: dict[str, Tensor], x: Inputs, t: Tensor | None) -> dict[str, Tensor]:
         with_targets = t is not None
         if with_targets not in self.single:
             self.single[with_targets] = _single_sample_jacobian(self.model, self.output_fn, with_targets,
@@ -203,7 +217,7 @@ class BatchedJacobian:
                 warnings.warn(f"netsim: the model cannot run under torch.func.vmap (data-dependent control flow "
                               f"at {_cause(error)}): the Jacobian engine computes one sample at a time (exact, "
                               "slower); method='layerwise' runs the batch as it is", VmapFallbackWarning,
-                              stacklevel=4)
+                              stacklevel=5)
                 self.loop = True
         rows = [jac(params, *(index_inputs(a, i) if isinstance(a, dict) else a[i] for a in args))
                 for i in range(input_rows(x))]
@@ -309,7 +323,7 @@ def output_jvp(model: nn.Module, inputs: Inputs, tangent: dict[str, Tensor], out
             raise ValueError(f"tangent[{name!r}] must be a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}")
     output = _functional_output(model, output_fn, selected)
     primals = {k: v.detach() for k, v in selected.items()}
-    with unfused_attention():  # PyTorch's fused attention kernels have no forward-mode rule
+    with unfused_attention(), model_lock(model):  # fused attention has no forward-mode rule; see `threads`
         jv = torch.func.jvp(lambda p: output(p, inputs, targets), (primals,), ({k: tangent[k] for k in primals},))[1]
     bad = nonfinite_rows(jv)
     if bool(bad.any()):

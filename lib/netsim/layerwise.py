@@ -53,6 +53,7 @@ avoid forming, storing and multiplying p-long vectors.
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ from .checks import as_output_matrix, check_batch, check_model, nonfinite_rows
 from .data import Inputs, input_rows
 from .grads import OutputFn, nonfinite_error, run_model, trainable_parameters, unfused_attention
 from .params import ParamSpec
+from .threads import model_lock
 
 
 class UnsupportedModel(ValueError):
@@ -252,8 +254,11 @@ def _forward_recording(model: nn.Module, inputs: Inputs, owners, copy: bool):
     records: dict[int, list] = {id(m): [] for _, m, _ in owners}
     names = {id(m): name for name, m, _ in owners}
     batch = input_rows(inputs)
+    thread = threading.get_ident()   # a forward the user runs in another thread meanwhile is not ours
 
     def hook(module, args, output):
+        if threading.get_ident() != thread:
+            return None
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise UnsupportedModel(f"{type(module).__name__} {names[id(module)]!r} takes or returns more than one "
                                    "tensor: no layer-wise rule (method='jacobian' handles it)")
@@ -272,7 +277,7 @@ def _forward_recording(model: nn.Module, inputs: Inputs, owners, copy: bool):
     for _, m, _ in owners:
         if type(m) in _COMPOSITES:
             patched[m] = m.__dict__.get("forward")   # an instance-level forward, if the user set one
-            m.forward = _composite_forward(m, records[id(m)], copy)
+            m.forward = _composite_forward(m, records[id(m)], copy, thread)
         else:
             handles.append(m.register_forward_hook(hook))
     try:
@@ -314,9 +319,11 @@ def _keep(call: list, x: Tensor, output: Tensor, copy: bool) -> Tensor | None:
     return output.clone() if copy else None
 
 
-def _composite_forward(module: nn.Module, sink: list, copy: bool):
-    """The recording forward of a composite module (bound to it while recording)."""
+def _composite_forward(module: nn.Module, sink: list, copy: bool, thread: int):
+    """The recording forward of a composite module (bound to it while recording, for `thread`'s calls)."""
     def forward(*args, **kwargs):
+        if threading.get_ident() != thread:
+            return type(module).forward(module, *args, **kwargs)
         call = []
         sink.append(call)
         return _COMPOSITES[type(module)][0](module, call, copy, *args, **kwargs)
@@ -569,6 +576,11 @@ def factorise_layout(model: nn.Module, inputs: Inputs, output_fn: OutputFn | Non
     """
     check_model(model)
     check_batch(model, inputs, targets)
+    with model_lock(model):   # hooks and a recording forward on the model: one thread at a time (`threads`)
+        return _factorise_layout(model, inputs, output_fn, targets, copy, params, verify, tokens)
+
+
+def _factorise_layout(model, inputs, output_fn, targets, copy, params, verify, tokens) -> tuple[list, bool]:
     owners = _param_modules(model, params)
     selected = trainable_parameters(model, params)
     with torch.enable_grad():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 
 def bench_engine(b, method: str):
     """The kernel engine `netsim.similarity` uses for the bench `b` with `method`."""
@@ -26,8 +24,9 @@ def similarity_plan(b, method: str) -> dict:
     with itself) multiplies only its upper tiles of dense entries (`layerwise.symmetric_products`).
     """
     from netsim.grads import num_parameters
-    from netsim.kernel import block_rows, memory_budget
+    from netsim.kernel import block_rows
     from netsim.layerwise import symmetric_products
+    from netsim.memory import budget_bytes
     engine = bench_engine(b, method)
     d, itemsize = b.d, 4
     if engine.name == "layerwise":
@@ -37,7 +36,7 @@ def similarity_plan(b, method: str) -> dict:
         pair_flops = sum(layer_pair_flops(f) for f in factors)
     else:
         pair_flops = dense = 2 * d * num_parameters(b.model)
-    rows = block_rows(engine, d, itemsize, memory_budget(None, torch.device("cpu")))
+    rows = block_rows(engine, d, itemsize, budget_bytes())
 
     def counts(n: int) -> tuple[int, int]:
         evals = pairs = 0

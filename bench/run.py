@@ -52,13 +52,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402  (never used for compute in the driver: children fork from it)
 
 import models as M  # noqa: E402
 import peers as P  # noqa: E402  (imports no peer library: they load in the children that use them)
 from baselines import DENSE_EFF  # noqa: E402
 from extras import GEMM_N  # noqa: E402
-from netsim.kernel import memory_budget  # noqa: E402
+from netsim.memory import budget_bytes  # noqa: E402
 from records import evaluate_goals, library_state, machine_info, merge_results, print_table  # noqa: E402
 from sweep import Sweep, gemm_efficiency  # noqa: E402
 from tasks import GRAM_EFF, TASKS, child_measure  # noqa: E402
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch": "forward + backward of the plain loss, batch 128 over the N samples; "
                                  "optimizer (Adam) step NOT included",
                         "peak_extra_mb": "ru_maxrss at the end minus RSS after setup (model, data, warm-up)",
-                        "memory_budget_bytes": memory_budget(None, torch.device("cpu")),
+                        "memory_budget_bytes": budget_bytes(),
                         "projection": "timed 64-sample probe; similarity: engine block plan + gram flops at "
                                       f"{GRAM_EFF:.0%} of torch.mm ({DENSE_EFF:.0%} for dense G G^T)"},
            "models": {}, "results": [], "threads": [], "peers": {}, "timeline": []}

@@ -37,12 +37,12 @@ from .kernel import (
     engine_chunks,
     engine_for_data,
     kernel_block,
-    memory_budget,
     place_block,
     prepare_columns,
     prepare_rows,
     reduce_block,
 )
+from .memory import budget_bytes
 from .params import ParamSpec
 
 #: The reductions whose per-module parts add up to the reduced kernel (linear in K(x, x')).
@@ -124,7 +124,7 @@ def similarity_by_module(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int | None = None,
+    memory_budget: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -141,12 +141,12 @@ def similarity_by_module(
     similarity seen by that module alone.
 
     Streaming as in `similarity` (same data forms and passes over them, same engines, row blocks
-    within `max_block_bytes`, column chunks, the upper block triangle only when `ys` is None and the
+    and kernel blocks within `memory_budget`, column chunks, the upper block triangle only when `ys` is None and the
     kind is symmetric); the per-module grams cost about as much as the one gram of `similarity` in
     all. Every argument is checked before the model runs (a refused call leaves it untouched).
 
     Args:
-        model, xs, ys, kind, output_fn, x_targets, y_targets, chunk_size, max_block_bytes, rtol,
+        model, xs, ys, kind, output_fn, x_targets, y_targets, chunk_size, memory_budget, rtol,
             on_zero, method, progress, params, targets_key: as in `netsim.similarity`.
         reduce: "trace" or "none" (the additive reductions).
 
@@ -171,7 +171,7 @@ def similarity_by_module(
     """
     source_x, source_y = check_similarity_call(
         model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
-        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        memory_budget=memory_budget, rtol=rtol, on_zero=on_zero, method=method, params=params,
         targets_key=targets_key)
     if reduce not in ADDITIVE_REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} cannot be split by module: the rotation-invariant reduction "
@@ -183,7 +183,7 @@ def similarity_by_module(
     engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
     n, m = source_x.length, source_y.length
     first = next(iter(trainable_parameters(model, params).values()))
-    rows_per_block = block_rows(engine, d, first.element_size(), memory_budget(max_block_bytes, first.device))
+    rows_per_block = block_rows(engine, d, first.element_size(), budget_bytes(memory_budget))
     layerwise_engine = isinstance(engine, LayerwiseEngine)
     layout = None if layerwise_engine else jacobian_layout(model, params)
     grams = engine if layerwise_engine else _ColumnViews

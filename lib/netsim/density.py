@@ -16,7 +16,7 @@ never holds an N x N matrix: the hard and positive counts fold the blocks of
 `kernel.similarity_blocks` into per-row counts as they stream by, and `soft_density` needs no
 matrix at all: the soft count is a dot product with the sum of the normalised Jacobians
 (section 4.2), computed in two passes over the data, O(N d^2 p) time and O(chunk d p) memory
-(or, when the normalised Jacobians fit in `max_cache_bytes`, one pass and that memory).
+(or, when the normalised Jacobians fit in `memory_budget`, one pass and that memory).
 """
 
 from __future__ import annotations
@@ -40,18 +40,18 @@ from .kernel import (
     engine_chunks,
     engine_for_data,
     left_factor,
-    memory_budget,
     shared_method,
     similarity_blocks,
 )
+from .memory import budget_bytes
 from .params import ParamSpec
 
 ESTIMATORS = ("hard", "soft", "positive")
 #: The options `neighbour_counts` passes on, per estimator (soft: `soft_density`'s; hard and
 #: positive: `similarity`'s, the kind and reduction being fixed).
 _SOFT_DENSITY_OPTIONS = ("chunk_size", "rtol", "on_zero", "method", "process_group", "params", "targets_key",
-                         "max_cache_bytes")
-_MATRIX_OPTIONS = ("chunk_size", "max_block_bytes", "rtol", "on_zero", "method", "progress", "process_group",
+                         "memory_budget")
+_MATRIX_OPTIONS = ("chunk_size", "memory_budget", "rtol", "on_zero", "method", "progress", "process_group",
                    "params", "targets_key")
 
 
@@ -71,25 +71,28 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
 
 
-def _row_counts(kc: Tensor, keep: Tensor, estimator: str, tau: float, alpha: float) -> Tensor:
-    """`(n,)` hard or positive counts of the `(n, m)` block `kc` over the entries `keep`."""
+def _contributions(kc: Tensor, estimator: str, tau: float, alpha: float, *, inplace: bool = False) -> Tensor:
+    """What each entry of a k^C block adds to its row's count: 1 where it reaches tau (hard), or its
+    alpha-th power where it is positive (positive; computed in kc's memory when `inplace`)."""
     if estimator == "hard":
-        return ((kc >= tau - tie_tolerance(kc.dtype)) & keep).sum(1).to(kc.dtype)
-    return torch.where(keep & (kc > 0), kc.clamp_min(0) ** alpha, torch.zeros_like(kc)).sum(1)
+        return kc >= tau - tie_tolerance(kc.dtype)
+    return kc.clamp_(min=0).pow_(alpha) if inplace else kc.clamp_min(0) ** alpha
 
 
-def _off_self(kc: Tensor, self_index: Tensor | None) -> Tensor:
-    """Boolean `(N, M)` mask that is False at each row's own sample."""
-    mask = torch.ones_like(kc, dtype=torch.bool)
-    if self_index is not None:
-        mask[torch.arange(kc.shape[0], device=kc.device), self_index] = False
-    return mask
+def _counts_excluding(contributions: Tensor, rows: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    """`(N,)` row sums of `contributions` less the entries at (rows[i], columns[i]) (each sample's own)."""
+    sums = contributions.sum(1).to(dtype)
+    return sums.index_put_((rows,), -contributions[rows, columns].to(dtype), accumulate=True)
 
 
-def _self_index(kc: Tensor, self_index: Tensor | None) -> Tensor | None:
+def _own_entries(kc: Tensor, self_index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of each query's own sample: `self_index`, the diagonal when N = M, else none."""
     if self_index is None and kc.shape[0] == kc.shape[1]:
-        return torch.arange(kc.shape[0], device=kc.device)
-    return self_index
+        self_index = torch.arange(kc.shape[0], device=kc.device)
+    if self_index is None:
+        none = torch.zeros(0, dtype=torch.long, device=kc.device)
+        return none, none
+    return torch.arange(kc.shape[0], device=kc.device), self_index.to(kc.device)
 
 
 def hard_count(kc: Tensor, tau: float, self_index: Tensor | None = None) -> Tensor:
@@ -105,13 +108,13 @@ def hard_count(kc: Tensor, tau: float, self_index: Tensor | None = None) -> Tens
         `(N,)` counts (float).
     """
     _check_tau(tau)
-    return _row_counts(kc, _off_self(kc, _self_index(kc, self_index)), "hard", tau, 0.0)
+    return _counts_excluding(_contributions(kc, "hard", tau, 0.0), *_own_entries(kc, self_index), kc.dtype)
 
 
 def positive_count(kc: Tensor, alpha: float, self_index: Tensor | None = None) -> Tensor:
     """N_alpha^+: sum of k^C^alpha over positive similarities, self excluded. `(N, M) -> (N,)`."""
     _check_alpha(alpha)
-    return _row_counts(kc, _off_self(kc, _self_index(kc, self_index)), "positive", 0.0, alpha)
+    return _counts_excluding(_contributions(kc, "positive", 0.0, alpha), *_own_entries(kc, self_index), kc.dtype)
 
 
 def soft_count(kc: Tensor) -> Tensor:
@@ -138,7 +141,7 @@ def neighbour_counts(model: nn.Module, xs, *, estimator: str = "hard", tau: floa
 
     No N x N matrix is held: the soft estimate goes through `soft_density`; the hard and
     positive-only counts stream the blocks of k^C (`kernel.similarity_blocks`, the upper block
-    triangle) and fold each into per-row counts. Memory O(max_block_bytes + N).
+    triangle) and fold each into per-row counts. Memory O(memory_budget + N).
 
     Data and passes: `xs` may be any data form of `netsim.data`. "soft" reads it twice
     (`soft_density`); "hard" and "positive" read it once for the row blocks and once more per
@@ -151,7 +154,7 @@ def neighbour_counts(model: nn.Module, xs, *, estimator: str = "hard", tau: floa
         output_fn, targets: see `per_sample_grads`.
         **options: for "soft", those of `soft_density` (chunk_size, rtol, on_zero, method,
             process_group, params, targets_key); otherwise those of `similarity` (also
-            max_block_bytes, progress). Anything else is a TypeError.
+            memory_budget, progress). Anything else is a TypeError.
     """
     check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "soft":
@@ -194,11 +197,13 @@ def _streamed_counts(model, queries, samples, query_targets, offset: int, estima
         stop = max(rows.stop, cols.stop if mirrored else 0)
         if stop > len(counts):  # grown as rows arrive (the number of queries may be unknown up front)
             counts = torch.cat([counts, counts.new_zeros(stop - len(counts))])
-        own = (torch.arange(rows.start, rows.stop, device=block.device)[:, None] + offset
-               == torch.arange(cols.start, cols.stop, device=block.device)[None, :])
-        counts[rows] += _row_counts(block, ~own, estimator, tau, alpha)
-        if mirrored:
-            counts[cols] += _row_counts(block.T, ~own.T, estimator, tau, alpha)
+        # each query's own sample, where this block holds it: query i is sample i + offset
+        first, last = max(rows.start + offset, cols.start), min(rows.stop + offset, cols.stop)
+        own = torch.arange(first, max(first, last), device=block.device)
+        contributions = _contributions(block, estimator, tau, alpha, inplace=True)   # the block is consumed
+        counts[rows] += _counts_excluding(contributions, own - offset - rows.start, own - cols.start, counts.dtype)
+        if mirrored:   # an upper block of a symmetric call: it holds no sample's own entry
+            counts[cols] += contributions.sum(0).to(counts.dtype)
     return counts
 
 
@@ -220,7 +225,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
                  reference_targets: Tensor | None = None, chunk_size: int | None = None,
                  rtol: float | None = None, on_zero: str = "raise", method: str = "auto",
                  process_group=None, params: ParamSpec = None, targets_key: str | None = None,
-                 max_cache_bytes: int | None = None) -> Tensor:
+                 memory_budget: int | None = None) -> Tensor:
     """The soft neighbour count N_S(x) = sum_x' k^C(x, x') without any N x N matrix.
 
     Two passes (paper section 4.2): first A = sum_x' Q(x') over the reference set, with
@@ -228,7 +233,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     N_S(x) = Tr(Q(x) A^T) for every query. Memory O(chunk + |A| + N d^2), independent of p x N:
     the gradient matrix is never held. With the layer-wise engine (`method="auto"` on ordinary
     models) A is kept per layer. When the queries are the reference set (`reference=None`):
-    if the first pass's Q(x) of every sample fit in `max_cache_bytes` they are kept, and the
+    if the first pass's Q(x) of every sample fit in `memory_budget` they are kept, and the
     second pass is the dot product alone, with no model evaluation; otherwise only each
     sample's d x d normaliser is kept and the second pass runs in forward mode: J(x) A^T is d
     `torch.func.jvp`s of the outputs along the rows of A, with no backward pass and no
@@ -252,10 +257,10 @@ def soft_density(model: nn.Module, xs, *, reference=None,
             have a known length.
         params: the parameters whose gradients define k^C (`netsim.params`; see `similarity`).
         targets_key: the key of the targets in dict batches.
-        max_cache_bytes: memory for keeping the normalised Jacobians between the passes when
-            `reference` is None (a non-negative int; 0 never keeps them; None: a quarter of the
-            device's memory, `kernel.memory_budget`). The Jacobian engine takes d p values per
-            sample, the layer-wise one its factors (`bench/` reports both).
+        memory_budget: bytes for keeping the normalised Jacobians between the passes when
+            `reference` is None (a non-negative int; 0 never keeps them; None: `budget_bytes()`,
+            the environment variable NETSIM_MEMORY_BUDGET or 1 GiB). The Jacobian engine takes d p
+            values per sample, the layer-wise one its factors (`bench/` reports both).
 
     Returns:
         `(N,)` soft counts.
@@ -266,10 +271,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     """
     queries, reference = check_soft_density_call(model, xs, reference, targets, reference_targets, chunk_size, rtol,
                                                  on_zero, method, params=params, targets_key=targets_key)
-    if max_cache_bytes is not None and (isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int)
-                                        or max_cache_bytes < 0):
-        raise ValueError(f"max_cache_bytes must be a non-negative int or None, got {max_cache_bytes!r}")
-    max_cache_bytes = memory_budget(max_cache_bytes, model_device(model))
+    kept_budget = budget_bytes(memory_budget)   # checked before the model runs
     same = reference is None
     if same:
         reference = queries
@@ -288,13 +290,13 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     else:
         offset = 0
     normalisers = [] if same else None          # (n, d, d) per chunk: O(N d^2), reused in pass 2
-    kept = [] if same else None                 # Q per chunk, while they fit in max_cache_bytes
+    kept = [] if same else None                 # Q per chunk, while they fit in the budget
     if process_group is not None and reference.length == 0:  # an empty shard adds zeros of the right structure
         total = _normalised_sums(engine, whole_reference.rows(0, 1), rtol, on_zero, 0)
         for t in engine.sum_tensors(total):
             t.zero_()
     else:
-        total = _normalised_sums(engine, reference, rtol, on_zero, offset, normalisers, kept, max_cache_bytes)
+        total = _normalised_sums(engine, reference, rtol, on_zero, offset, normalisers, kept, kept_budget)
     if process_group is not None:
         all_reduce_(engine.sum_tensors(total), process_group)
     counts = []

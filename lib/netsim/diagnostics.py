@@ -38,18 +38,19 @@ from .data import Source, as_source
 from .density import soft_count
 from .engine import check_engine_options
 from .grads import OutputFn, reduced_outputs, trainable_parameters
-from .kernel import data_output_dim, default_rtol, engine_chunks, engine_for_data, memory_budget
+from .kernel import data_output_dim, default_rtol, engine_chunks, engine_for_data
+from .memory import budget_bytes
 from .params import ParamSpec
 
 
 def _check_call(model: nn.Module, xs, targets: Tensor | None, *, chunk_size=None, method: str = "auto",
                 other=None, other_targets: Tensor | None = None, other_name: str = "reference",
-                max_block_bytes: int | None = None, rtol=None, params: ParamSpec = None,
+                memory_budget: int | None = None, rtol=None, params: ParamSpec = None,
                 targets_key: str | None = None) -> tuple[Source, Source | None]:
     """The checks every function here runs before the model does; returns the data as `Source`s
     (`other`: None when not given)."""
     check_engine_options(model, method=method, chunk_size=chunk_size, params=params, rtol=rtol,
-                         max_block_bytes=max_block_bytes)
+                         memory_budget=memory_budget)
     device = model_device(model)
     source = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
     check_data(model, source)
@@ -303,14 +304,14 @@ def _value_dict(values: Mapping[str, Tensor] | None, n: int, d: int) -> dict[str
 def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None, *,
                 query_index: Tensor | None = None, second_moment: bool = True,
                 output_fn: OutputFn | None = None, targets: Tensor | None = None,
-                chunk_size: int | None = None, max_block_bytes: int | None = None,
+                chunk_size: int | None = None, memory_budget: int | None = None,
                 method: str = "auto", progress: bool = False, params: ParamSpec = None,
                 targets_key: str | None = None) -> KernelSums:
     """S_i = sum_j K_ij, sum_j K_ij a_j for several value sets a, and sum_j K_ij K_ij^T, in one pass.
 
     K_ij = J(x_i) J(x_j)^T are the un-normalised d x d kernels (`similarity(kind="inner",
     reduce="none")`). The pass streams like `similarity`: the queries' Jacobians are held one
-    row block at a time (`max_block_bytes`), the samples' Jacobians stream by in chunks, and
+    row block at a time (half of `memory_budget`), the samples' Jacobians stream by in chunks, and
     each `(rows, chunk, d, d)` block of K is folded into the sums at once -- neither the
     gradient matrix nor the N x N kernel is ever held. When the queries are the samples
     themselves, only the upper block triangle is computed (K_ji = K_ij^T gives the rest).
@@ -324,7 +325,7 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
         query_index: `(Q,)` rows of xs where the sums are taken (default: all of them).
         second_moment: also accumulate sum_j K_ij K_ij^T (needed by `denoising_factor`).
         output_fn, targets: see `per_sample_grads`.
-        chunk_size, max_block_bytes, method, progress, params, targets_key: see `netsim.similarity`.
+        chunk_size, memory_budget, method, progress, params, targets_key: see `netsim.similarity`.
 
     Data and passes: `xs` may be any re-iterable data form of `netsim.data` (values follow its
     order). The queries' row blocks are read from it (for a `query_index`, the query rows are
@@ -341,7 +342,7 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
         >>> sums.total.shape, sums.averages()["a"].shape, bool((sums.denoising_factor() >= 20 ** -0.5 - 1e-6).all())
         (torch.Size([20, 2, 2]), torch.Size([20, 2]), True)
     """
-    xs, _ = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, max_block_bytes=max_block_bytes,
+    xs, _ = _check_call(model, xs, targets, chunk_size=chunk_size, method=method, memory_budget=memory_budget,
                         params=params, targets_key=targets_key)
     xs.require_passes(2, "kernel_sums (the queries' row blocks, then the samples once per row block)")
     d = data_output_dim(model, xs, output_fn)
@@ -361,7 +362,7 @@ def kernel_sums(model: nn.Module, xs, values: Mapping[str, Tensor] | None = None
     engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
     first = next(iter(trainable_parameters(model, params).values()))
     per_sample = max(engine.bytes_per_sample(d, first.element_size()), 1)
-    rows_per_block = max(engine.chunk, memory_budget(max_block_bytes, first.device) // per_sample)
+    rows_per_block = max(engine.chunk, budget_bytes(memory_budget) // 2 // per_sample)   # half for the blocks of K
     q = rows.numel()
     total = torch.zeros(q, d, d, dtype=torch.float64)
     weighted = {k: torch.zeros(q, d, dtype=torch.float64) for k in vals}
@@ -500,7 +501,7 @@ def self_denoising(model: nn.Module, xs, *, true: Tensor, noisy: Tensor,
             query costs a pass over the N samples, O(N d^2 p)).
         output_fn, targets: see `per_sample_grads`.
         rtol: singularity threshold for sum_j K_ij (`solve_kernel_sums`).
-        **kernel_sums_kwargs: chunk_size, max_block_bytes, method, progress, params, targets_key.
+        **kernel_sums_kwargs: chunk_size, memory_budget, method, progress, params, targets_key.
 
     Data and passes: `xs` as in `kernel_sums` (one more pass for the predictions when
     `predicted` is not given); the labels follow its order.
@@ -511,7 +512,7 @@ def self_denoising(model: nn.Module, xs, *, true: Tensor, noisy: Tensor,
     Raises:
         SingularKernelSumError: naming the queries where sum_j K_ij is singular.
     """
-    check_keywords(kernel_sums_kwargs, ("chunk_size", "max_block_bytes", "method", "progress", "params",
+    check_keywords(kernel_sums_kwargs, ("chunk_size", "memory_budget", "method", "progress", "params",
                                         "targets_key"), "self_denoising")
     xs, _ = _check_call(model, xs, targets, rtol=rtol,
                         **{k: v for k, v in kernel_sums_kwargs.items() if k != "progress"})

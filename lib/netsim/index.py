@@ -47,7 +47,7 @@ from .by_module import jacobian_layout, layerwise_layout, parameter_modules
 from .checks import check_choice, check_data, check_model, check_positive_int, model_device
 from .data import as_source
 from .density import soft_normaliser
-from .engine import LayerwiseEngine, _left_out, check_engine_options
+from .engine import LayerwiseEngine, check_engine_options, left_out
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
     KINDS,
@@ -61,13 +61,12 @@ from .kernel import (
     trace_divisor,
 )
 from .layerwise import DenseFactors, LinearFactors
+from .memory import budget_bytes, check_budget
 from .params import ParamSpec
 from .sketch import Sketch, plan_sketch
 
 #: A sketch size that keeps the neighbours (top-10 recall against exact k^C, `bench/index.py`).
 DEFAULT_SKETCH = 1024
-#: Bytes of stored entries read per block of indexed samples by the queries.
-QUERY_BLOCK_BYTES = 512 * 2**20
 
 Rep = list  # a chunk's entries: LinearFactors / DenseFactors
 ENGINE = LayerwiseEngine  # the kernel operations on stored entries (static methods)
@@ -120,9 +119,10 @@ class SimilarityIndex:
     reopen with `open`; `len(index)` is the number of indexed samples."""
 
     def __init__(self, root: Path, manifest: dict, model: nn.Module, output_fn: OutputFn | None,
-                 params: ParamSpec, chunk_size: int | None):
+                 params: ParamSpec, chunk_size: int | None, memory_budget: int | None = None):
         self.path, self.manifest, self.model = Path(root), manifest, model
         self.output_fn, self.params, self.chunk_size = output_fn, params, chunk_size
+        self.memory_budget = memory_budget   # of the queries' blocks (`netsim.memory`)
         self._sketch = Sketch(manifest["sketch_plan"]) if manifest["sketch_plan"] else None
         self._verified: set[int] = set()   # shards whose checksums this object has checked (or written)
 
@@ -131,7 +131,7 @@ class SimilarityIndex:
     def build(cls, model: nn.Module, data, path, *, output_fn: OutputFn | None = None, targets: Tensor | None = None,
               targets_key: str | None = None, params: ParamSpec = None, sketch: int | None = None, seed: int = 0,
               shard_size: int = 4096, method: str = "auto", chunk_size: int | None = None, on_zero: str = "raise",
-              progress: bool = False, process_group=None) -> SimilarityIndex:
+              progress: bool = False, process_group=None, memory_budget: int | None = None) -> SimilarityIndex:
         """Streams `data` once and stores what the kernels need of every sample under `path`.
 
         If `path` already holds an index built with the same settings, a complete one is reopened
@@ -154,12 +154,15 @@ class SimilarityIndex:
             process_group: a `torch.distributed` group: every rank passes the same data and path
                 (a shared file system) and writes the shards `s` with `s % world == rank`; the data
                 must have a known length.
+            memory_budget: bytes the queries of the returned index may hold beyond the model: their
+                block of entries and its kernel block against a shard (`netsim.memory`; also an
+                argument of `open`).
 
         Raises:
             FileExistsError: `path` holds an index with other settings (or is a file).
             ZeroGradientError, NonFiniteError: as in `netsim.similarity`.
         """
-        check_engine_options(model, method=method, chunk_size=chunk_size, params=params)
+        check_engine_options(model, method=method, chunk_size=chunk_size, params=params, memory_budget=memory_budget)
         check_positive_int("shard_size", shard_size)
         check_choice("on_zero", on_zero, ON_ZERO)
         if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
@@ -186,7 +189,7 @@ class SimilarityIndex:
         if distributed:
             dist.barrier(process_group)
             manifest = store.read_manifest(root)
-        index = cls(root, manifest, model, output_fn, params, chunk_size)
+        index = cls(root, manifest, model, output_fn, params, chunk_size, memory_budget)
         if manifest["complete"]:
             return index
         if rank == 0:
@@ -243,7 +246,7 @@ class SimilarityIndex:
 
     @classmethod
     def open(cls, path, model: nn.Module, *, output_fn: OutputFn | None = None, params: ParamSpec = None,
-             chunk_size: int | None = None) -> SimilarityIndex:
+             chunk_size: int | None = None, memory_budget: int | None = None) -> SimilarityIndex:
         """Reopens a complete index for `model` (the same output function and parameter selection).
 
         Raises:
@@ -254,6 +257,7 @@ class SimilarityIndex:
             CorruptIndexError: an unreadable manifest.
         """
         check_model(model)
+        check_budget(memory_budget)
         root = Path(path)
         manifest = store.read_manifest(root)
         if manifest is None:
@@ -268,7 +272,7 @@ class SimilarityIndex:
             cls._check_settings(manifest, now, root)
         except FileExistsError as error:
             raise ValueError(f"this model does not match the index: {error}") from None
-        return cls(root, manifest, model, output_fn, params, chunk_size)
+        return cls(root, manifest, model, output_fn, params, chunk_size, memory_budget)
 
     def _write_shards(self, source, progress: bool, process_group) -> None:
         size = self.manifest["settings"]["shard_size"]
@@ -398,9 +402,13 @@ class SimilarityIndex:
         return block.clamp_(-1.0, 1.0) if kind == "correlation" else block
 
     def _rows_per_block(self) -> int:
+        """Queries per block: their entries, their kernel block against a shard and its top-k merge
+        (two values per shard sample), and the shard read fit the memory budget."""
         itemsize = torch.empty(0, dtype=getattr(torch, self.manifest["settings"]["dtype"])).element_size()
         per_sample = self.manifest["values_per_sample"] * itemsize
-        return max(1, min(QUERY_BLOCK_BYTES // max(per_sample, 1), self.manifest["settings"]["shard_size"]))
+        shard_size = self.manifest["settings"]["shard_size"]
+        free = budget_bytes(self.memory_budget) - shard_size * per_sample
+        return max(1, min(free // (per_sample + 2 * shard_size * itemsize), shard_size))
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -596,7 +604,7 @@ def _sketch_engine(model: nn.Module, source, output_fn, chunk_size, params):
     try:
         return engine_for_data(model, source, output_fn, chunk_size, "layerwise", params)
     except Exception as error:  # noqa: BLE001 -- as auto: any engine failure, and it goes on without it
-        _left_out("layerwise", error)
+        left_out("layerwise", error)
         return engine_for_data(model, source, output_fn, chunk_size, "jacobian", params)
 
 

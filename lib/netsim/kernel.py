@@ -40,7 +40,6 @@ the ordinary range nothing is rescaled and the results are bit for bit those of 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from itertools import chain, groupby
 
@@ -61,40 +60,20 @@ from .data import Source, TensorSource, as_source
 from .distributed import gather_rows, rank0_choice, shard
 from .engine import AUTO_PROBE_SAMPLES, METHODS, JacobianEngine, check_engine_options, engine_for
 from .grads import OutputFn, output_dim, trainable_parameters
+from .memory import budget_bytes
 from .params import ParamSpec
 
 KINDS = ("inner", "influence", "correlation")
 REDUCTIONS = ("trace", "rot", "none")
 ON_ZERO = ("raise", "zero")
 
-#: By default one call fills at most this share of the device's memory with Jacobians:
-#: `similarity`'s row blocks (and those of the functions built like it), `soft_density`'s kept
-#: first pass. Fewer row blocks mean fewer passes over the columns.
-MEMORY_SHARE = 0.25
-#: ... or this many bytes where the device's memory cannot be read.
-FALLBACK_MEMORY_BYTES = 2 * 2**30
-
-
-def memory_budget(max_bytes: int | None, device: torch.device) -> int:
-    """`max_bytes`, or when None the default budget: `MEMORY_SHARE` of the device's memory
-    (physical RAM for the CPU, total memory for a GPU), `FALLBACK_MEMORY_BYTES` where unknown."""
-    if max_bytes is not None:
-        return max_bytes
-    try:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):   # no sysconf (Windows), unknown name
-        return FALLBACK_MEMORY_BYTES
-    return int(MEMORY_SHARE * total)
-
-
-def block_rows(engine, d: int, itemsize: int, max_block_bytes: int) -> int:
-    """Rows per block of `similarity`: the block's prepared Jacobians and its gram temporaries
-    (rows x chunk, rows x rows on the diagonal, d x d each) both fit `max_block_bytes`."""
-    square = int(math.sqrt(max_block_bytes / (4 * d * d * itemsize)))
-    return max(engine.chunk, min(max_block_bytes // max(engine.bytes_per_sample(d, itemsize), 1), square))
+def block_rows(engine, d: int, itemsize: int, budget: int) -> int:
+    """Rows per block of `similarity` (at least one chunk): the block's prepared Jacobians fill at
+    most half of `budget`, its kernel block with the temporaries of its gram and reduction (rows x
+    rows on the diagonal, 4 values of d x d per pair) the other half."""
+    half = budget // 2
+    square = int(math.sqrt(half / (4 * d * d * itemsize)))
+    return max(engine.chunk, min(half // max(engine.bytes_per_sample(d, itemsize), 1), square))
 
 
 class ZeroGradientError(ValueError):
@@ -229,11 +208,22 @@ def reduce_block(block: Tensor, kind: str, reduce: str, rank_x: Tensor, rank_y: 
         # max over rotations R of Tr(R M) = sqrt((a + d)^2 + (b - c)^2) for M = [[a, b], [c, d]]
         block = torch.sqrt((block[..., 0, 0] + block[..., 1, 1]) ** 2
                            + (block[..., 0, 1] - block[..., 1, 0]) ** 2)
-    norm = (trace_divisor(kind, rank_x, "rows").unsqueeze(1)
-            * trace_divisor(kind, rank_y, "columns").unsqueeze(0)).to(block)  # the ranks may live on the CPU
-    # A zero norm only occurs for samples given similarity 0 by on_zero="zero".
-    out = torch.where(norm > 0, block / norm.clamp_min(1), torch.zeros_like(block))
-    return out.clamp_(-1.0, 1.0) if kind == "correlation" else out
+    rows, cols = trace_divisor(kind, rank_x, "rows"), trace_divisor(kind, rank_y, "columns")
+    # In place, without a (rows, columns) temporary: the block is the largest thing a call holds.
+    # A zero divisor only occurs for samples given similarity 0 by on_zero="zero".
+    if bool((rows == rows[0]).all()) and bool((cols == cols[0]).all()):   # one divisor: the usual case
+        norm = float(rows[0] * cols[0])
+        block = block.div_(norm) if norm > 0 else block.zero_()
+    else:
+        for start in range(0, block.shape[0], _REDUCE_ROWS):
+            part = block[start:start + _REDUCE_ROWS]
+            norm = (rows[start:start + _REDUCE_ROWS].unsqueeze(1) * cols.unsqueeze(0)).to(part)  # ranks: on the CPU
+            part.copy_(torch.where(norm > 0, part / norm.clamp_min(1), torch.zeros_like(part)))
+    return block.clamp_(-1.0, 1.0) if kind == "correlation" else block
+
+
+#: Rows of a block divided at a time by `reduce_block` when the samples' divisors differ.
+_REDUCE_ROWS = 256
 
 
 def trace_divisor(kind: str, rank: Tensor, side: str) -> Tensor:
@@ -380,13 +370,13 @@ def similarity_sources(model: nn.Module, xs, ys, x_targets, y_targets, targets_k
 
 def check_similarity_call(model: nn.Module, xs, ys, *, kind: str, reduce: str,
                           x_targets: Tensor | None, y_targets: Tensor | None, chunk_size: int | None,
-                          max_block_bytes: int, rtol: float | None, on_zero: str, method: str,
+                          memory_budget: int, rtol: float | None, on_zero: str, method: str,
                           params: ParamSpec = None, targets_key: str | None = None) -> tuple[Source, Source | None]:
     """Every check of `similarity`'s arguments that needs no forward pass (the model is not run).
     Returns the data as `Source`s (ys: None when it is xs)."""
     _validate(kind, reduce, on_zero)
     check_engine_options(model, method=method, chunk_size=chunk_size, params=params, rtol=rtol,
-                         max_block_bytes=max_block_bytes)
+                         memory_budget=memory_budget)
     source_x, source_y = similarity_sources(model, xs, ys, x_targets, y_targets, targets_key)
     check_data(model, source_x)
     if source_y is not None:
@@ -408,7 +398,7 @@ def similarity_blocks(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int | None = None,
+    memory_budget: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -423,28 +413,40 @@ def similarity_blocks(
     `(rows, cols, block, mirrored)`: `block` is k(xs[rows], ys[cols]), `(b, c)` or `(b, c, d, d)`.
     In a symmetric call (`ys=None`, kind not "influence") only the upper block triangle is
     computed: `mirrored` blocks also stand for their transposes at `(cols, rows)`. Every entry
-    of the matrix is covered exactly once. Memory: one row block of Jacobians and one block.
-    Passes over the data as in `similarity`.
+    of the matrix is covered exactly once. Memory: one row block of Jacobians and one block,
+    within `memory_budget` and, for data of known length, within the `(N, M)` matrix's own size
+    (a stream never holds more than the matrix it avoids). Passes over the data as in `similarity`.
     """
+    return _checked_blocks(model, xs, ys, kind=kind, reduce=reduce, output_fn=output_fn, x_targets=x_targets,
+                           y_targets=y_targets, chunk_size=chunk_size, memory_budget=memory_budget, rtol=rtol,
+                           on_zero=on_zero, method=method, progress=progress, params=params, targets_key=targets_key,
+                           streamed=True)
+
+
+def _checked_blocks(model, xs, ys, *, kind, reduce, output_fn, x_targets, y_targets, chunk_size, memory_budget, rtol,
+                    on_zero, method, progress, params, targets_key, streamed: bool):
     source_x, source_y = check_similarity_call(
         model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
-        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        memory_budget=memory_budget, rtol=rtol, on_zero=on_zero, method=method, params=params,
         targets_key=targets_key)
     d = data_output_dim(model, source_x, output_fn)
     _validate(kind, reduce, on_zero, d)
-    return _blocks(model, source_x, source_y, kind, reduce, output_fn, chunk_size, max_block_bytes,
-                   rtol, on_zero, method, progress, d, params)
+    return _blocks(model, source_x, source_y, kind, reduce, output_fn, chunk_size, memory_budget,
+                   rtol, on_zero, method, progress, d, params, streamed)
 
 
-def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, output_fn, chunk_size, max_block_bytes,
-            rtol, on_zero, method, progress, d, params):
+def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, output_fn, chunk_size, memory_budget,
+            rtol, on_zero, method, progress, d, params, streamed: bool):
     symmetric = source_y is None and kind != "influence"
     if source_y is None:
         source_y = source_x
     engine = engine_for_data(model, source_x, output_fn, chunk_size, method, params)
     n, m = source_x.length, source_y.length
     first = next(iter(trainable_parameters(model, params).values()))
-    rows_per_block = block_rows(engine, d, first.element_size(), memory_budget(max_block_bytes, first.device))
+    budget = budget_bytes(memory_budget)
+    if streamed and n is not None and m is not None:   # never more than the (N, M) matrix it streams
+        budget = min(budget, n * m * (1 if reduce != "none" else d * d) * first.element_size())
+    rows_per_block = block_rows(engine, d, first.element_size(), budget)
     total = None
     if n is not None and m is not None:
         n_blocks = math.ceil(n / rows_per_block)
@@ -491,7 +493,7 @@ def similarity(
     x_targets: Tensor | None = None,
     y_targets: Tensor | None = None,
     chunk_size: int | None = None,
-    max_block_bytes: int | None = None,
+    memory_budget: int | None = None,
     rtol: float | None = None,
     on_zero: str = "raise",
     method: str = "auto",
@@ -502,9 +504,9 @@ def similarity(
 ) -> Tensor:
     """The similarity k(x, y) of every x in `xs` to every y in `ys`, streamed in blocks.
 
-    Rows are processed in blocks whose Jacobian representation fits in `max_block_bytes`; for
-    each block the columns stream by in chunks of `chunk_size` samples. Memory is therefore
-    O(max_block_bytes + chunk + N M d^2) whatever N and M: the `(N + M, d, p)` gradient matrix
+    Rows are processed in blocks whose Jacobian representation and kernel blocks fit in
+    `memory_budget`; for each block the columns stream by in chunks of `chunk_size` samples. Memory
+    is therefore O(memory_budget + chunk + N M d^2) whatever N and M: the `(N + M, d, p)` gradient matrix
     is never held. The price is recomputing the columns' Jacobians once per row block. With the
     layer-wise engine a sample costs O(sum of layer widths) instead of O(p), so row blocks are
     large and Linear-layer blocks cost O(n m (in + out)) instead of O(n m in out). When `ys` is
@@ -532,9 +534,10 @@ def similarity(
         x_targets, y_targets: per-sample side information for `output_fn` (class labels), one
             row per sample of xs / ys (or carried by the batches).
         chunk_size: samples per Jacobian evaluation (a positive int; None: the engine's default).
-        max_block_bytes: memory for one row block of Jacobians (a positive int; None: a quarter
-            of the device's memory, `memory_budget`). Each further row block costs one more
-            pass over the columns.
+        memory_budget: bytes the call may hold beyond the model, one chunk and the result: a row
+            block's Jacobians and its kernel blocks (a non-negative int; None: `budget_bytes()`, the
+            environment variable NETSIM_MEMORY_BUDGET or 1 GiB). Each further row block costs one
+            more pass over the columns.
         rtol: relative eigenvalue cut-off for the (pseudo-)inverse roots of K(x, x), in [0, 1).
         on_zero: "raise" (default) on samples with a zero gradient; "zero" gives them
             similarity 0 (not meaningful for "inner", which needs no normalisation).
@@ -564,17 +567,18 @@ def similarity(
         (torch.Size([6, 6]), True)
     """
     options = dict(kind=kind, reduce=reduce, output_fn=output_fn, chunk_size=chunk_size,
-                   max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, progress=progress,
+                   memory_budget=memory_budget, rtol=rtol, on_zero=on_zero, method=method, progress=progress,
                    params=params)
     source_x, source_y = check_similarity_call(
         model, xs, ys, kind=kind, reduce=reduce, x_targets=x_targets, y_targets=y_targets, chunk_size=chunk_size,
-        max_block_bytes=max_block_bytes, rtol=rtol, on_zero=on_zero, method=method, params=params,
+        memory_budget=memory_budget, rtol=rtol, on_zero=on_zero, method=method, params=params,
         targets_key=targets_key)
     if process_group is not None:
         return _sharded_similarity(model, source_x, source_y, process_group, options)
     n, m = source_x.length, (source_x if source_y is None else source_y).length
     out, held = None, []
-    for rows, cols, block, mirrored in similarity_blocks(model, source_x, source_y, **options):
+    for rows, cols, block, mirrored in _checked_blocks(model, source_x, source_y, x_targets=None, y_targets=None,
+                                                       targets_key=None, streamed=False, **options):
         if n is None or m is None:  # unknown lengths (generators): assembled once all blocks are in
             held.append((rows, cols, block, mirrored))
             continue

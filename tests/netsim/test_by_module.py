@@ -82,7 +82,7 @@ def test_parts_add_up_to_similarity(model, kind, reduce, method):
         torch.randn(9, 1, 8, 8, dtype=torch.float64)
     for ys in (None, xs[:5] + 0.3):
         # small blocks and chunks: several row blocks, mirrored blocks and short last chunks
-        options = dict(kind=kind, reduce=reduce, method=method, chunk_size=2, max_block_bytes=2000)
+        options = dict(kind=kind, reduce=reduce, method=method, chunk_size=2, memory_budget=2000)
         parts = netsim.similarity_by_module(net, xs, ys, **options)
         whole = netsim.similarity(net, xs, ys, **options)
         assert all(p.shape == whole.shape for p in parts.values())
@@ -249,7 +249,7 @@ def test_loader_dataset_and_generator_give_the_tensor_result(method):
 
     net = mlp(d_out=3, dtype=torch.float64)
     xs, labels = torch.randn(11, 3, dtype=torch.float64), torch.randint(0, 3, (11,))
-    options = dict(output_fn=_nll, method=method, chunk_size=4, max_block_bytes=3000)
+    options = dict(output_fn=_nll, method=method, chunk_size=4, memory_budget=3000)
     expected = netsim.similarity_by_module(net, xs, x_targets=labels, **options)
     dataset = TensorDataset(xs, labels)
     for data in (DataLoader(dataset, batch_size=3), dataset, [(xs[i:i + 5], labels[i:i + 5]) for i in range(0, 11, 5)]):

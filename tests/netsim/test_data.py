@@ -58,16 +58,16 @@ class KeywordMLP(torch.nn.Module):
 
 CALLS = {
     "per_sample_grads": lambda m, d, **kw: netsim.per_sample_grads(m, d, **OPTIONS, **kw),
-    "similarity": lambda m, d, targets=None, **kw: netsim.similarity(m, d, max_block_bytes=3000, x_targets=targets,
+    "similarity": lambda m, d, targets=None, **kw: netsim.similarity(m, d, memory_budget=3000, x_targets=targets,
                                                                      **OPTIONS, **kw),
     "soft_density": lambda m, d, **kw: netsim.soft_density(m, d, **OPTIONS, **kw),
-    "neighbour_counts": lambda m, d, **kw: netsim.neighbour_counts(m, d, tau=0.3, max_block_bytes=3000, **OPTIONS,
+    "neighbour_counts": lambda m, d, **kw: netsim.neighbour_counts(m, d, tau=0.3, memory_budget=3000, **OPTIONS,
                                                                    **kw),
     "uncertainty_factor": lambda m, d, **kw: diagnostics.uncertainty_factor(m, d, **OPTIONS, **kw),
     "kernel_average": lambda m, d, **kw: diagnostics.kernel_average(m, d, torch.randn(N, 1, generator=torch.Generator()
                                                                     .manual_seed(3)), **OPTIONS, **kw),
     "kernel_sums": lambda m, d, **kw: diagnostics.kernel_sums(m, d, {"a": torch.arange(N, dtype=torch.float32)},
-                                                              max_block_bytes=3000, **OPTIONS, **kw).total,
+                                                              memory_budget=3000, **OPTIONS, **kw).total,
     "kernel_sums_queries": lambda m, d, **kw: diagnostics.kernel_sums(
         m, d, {"a": torch.arange(N, dtype=torch.float32)}, query_index=torch.tensor([7, 2, 9]), **OPTIONS, **kw).total,
     "predictions": lambda m, d, **kw: diagnostics.predictions(m, d, batch_size=4, **kw),

@@ -28,7 +28,7 @@ def _dense_rows(model, xs, **kw):
 def test_fast_soft_estimate_equals_dense_row_sums(d, method, cache):
     model = mlp(d_out=d, seed=d)
     xs = torch.randn(40, 3)
-    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7, method=method, max_cache_bytes=cache),
+    torch.testing.assert_close(netsim.soft_density(model, xs, chunk_size=7, method=method, memory_budget=cache),
                                _dense_rows(model, xs), rtol=1e-4, atol=1e-4)
 
 
@@ -39,17 +39,17 @@ def test_fast_soft_estimate_with_rank_deficient_classifier_and_cnn(method, cache
     xs = torch.randn(30, 3)
     dense = _dense_rows(model, xs, output_fn=outputs.neg_log_softmax)
     fast = netsim.soft_density(model, xs, output_fn=outputs.neg_log_softmax, chunk_size=8, method=method,
-                               max_cache_bytes=cache)
+                               memory_budget=cache)
     torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-4)
     cnn = SmallCNN(d_out=2).eval()
     images = torch.randn(20, 1, 8, 8)
-    torch.testing.assert_close(netsim.soft_density(cnn, images, method=method, max_cache_bytes=cache),
+    torch.testing.assert_close(netsim.soft_density(cnn, images, method=method, memory_budget=cache),
                                _dense_rows(cnn, images), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_kept_jacobians_skip_the_second_pass_until_they_overflow_the_budget(method, monkeypatch):
-    """Within max_cache_bytes the second pass evaluates nothing; one byte short of the whole first
+    """Within memory_budget the second pass evaluates nothing; one byte short of the whole first
     pass, the kept chunks are dropped and the second pass runs its jvps: the same counts."""
     jvps = []
     monkeypatch.setattr(density, "output_jvp", lambda *a, **k: jvps.append(1) or output_jvp(*a, **k))
@@ -59,7 +59,7 @@ def test_kept_jacobians_skip_the_second_pass_until_they_overflow_the_budget(meth
     whole = sum(engine.nbytes(rep) for _, rep in engine.chunks(xs))   # 4 chunks of 5, then 3
     for budget, chunks_with_jvps in ((whole, 0), (whole - 1, 5), (0, 5)):
         jvps.clear()
-        counts = netsim.soft_density(model, xs, chunk_size=5, method=method, max_cache_bytes=budget)
+        counts = netsim.soft_density(model, xs, chunk_size=5, method=method, memory_budget=budget)
         torch.testing.assert_close(counts, expected, rtol=1e-10, atol=1e-10)
         assert len(jvps) == 2 * chunks_with_jvps, budget      # d = 2 jvps per chunk
 

@@ -109,7 +109,7 @@ def test_kernel_sums_match_dense_reference(method, query_index):
     xs = torch.randn(13, 3, dtype=torch.float64)
     values = {"a": torch.randn(13, 2), "b": torch.randn(13, 2)}
     sums = diagnostics.kernel_sums(model, xs, values, query_index=query_index, method=method, chunk_size=3,
-                                   max_block_bytes=1)
+                                   memory_budget=1)
     total, weighted, moment, K = dense_sums(model, xs, values, query_index)
     torch.testing.assert_close(sums.total, total, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sums.second_moment, moment, rtol=1e-10, atol=1e-10)
@@ -218,7 +218,7 @@ def test_self_denoising_decomposition_holds_and_gap_vanishes_at_a_stationary_poi
         solution = torch.linalg.lstsq(features, noisy).solution
         model[2].weight.copy_(solution[:-1].T)
         model[2].bias.copy_(solution[-1])
-    result = diagnostics.self_denoising(model, xs, true=true, noisy=noisy, chunk_size=7, max_block_bytes=1)
+    result = diagnostics.self_denoising(model, xs, true=true, noisy=noisy, chunk_size=7, memory_budget=1)
     scale = true.abs().max()
     assert result.residual.abs().max() < 1e-10 * scale
     assert result.convergence_gap.abs().max() < 1e-8 * scale

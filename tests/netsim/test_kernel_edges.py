@@ -103,7 +103,7 @@ def test_self_similarity_is_exactly_one_and_every_value_within_one(method, reduc
     model = mlp(d_out=d, seed=7, hidden=16)
     xs = torch.randn(40, 3)
     xs[20:30] = xs[:10]                        # duplicates: cosine 1 up to rounding
-    k = netsim.similarity(model, xs, reduce=reduce, method=method, chunk_size=7, max_block_bytes=2**14)
+    k = netsim.similarity(model, xs, reduce=reduce, method=method, chunk_size=7, memory_budget=2**14)
     assert bool((k.diagonal() == 1).all())
     assert k.abs().max() <= 1
     torch.testing.assert_close(k[20:30, :10].diagonal(), torch.ones(10), rtol=0, atol=1e-5)

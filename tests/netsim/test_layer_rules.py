@@ -246,5 +246,5 @@ def test_soft_density_and_similarity_work_on_a_transformer_in_eval_mode():
     dense = netsim.similarity(model, xs, method="jacobian")
     torch.testing.assert_close(kc, dense, rtol=1e-4, atol=1e-5)
     for cache in (None, 0):   # kept Jacobians, and the jvp second pass
-        torch.testing.assert_close(netsim.soft_density(model, xs, max_cache_bytes=cache), kc.sum(1),
+        torch.testing.assert_close(netsim.soft_density(model, xs, memory_budget=cache), kc.sum(1),
                                    rtol=1e-4, atol=1e-4)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, lint (ruff, configured in pyproject.toml), then run the test suite
-# and validate the notebooks, both in the smoke profile. Extra arguments go to the first
-# pytest call (e.g. -k kernel, -x, -m "not slow").
+# Set up .venv if needed, lint (ruff, configured in pyproject.toml), then run the test suite (again
+# for the library under another CPU setting) and validate the notebooks, all in the smoke profile.
+# Extra arguments go to the first pytest call (e.g. -k kernel, -x, -m "not slow").
 # Exit status is non-zero if any step fails; every step always runs so one CI log shows all.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -16,6 +16,15 @@ echo "== ruff check"
 
 echo "== pytest tests/ (profile smoke)"
 "$py" -m pytest tests/ "$@" || status=$?
+
+# The run above used this machine's own instruction set (AVX2 or AVX512) and all its cores. Two code
+# paths agree to float rounding, not bitwise by luck of one setting: the library's tests and the
+# sinusoid training run again without SIMD kernels and on one thread (the memory, process and
+# packaging tests measure other things and are not repeated).
+echo "== pytest tests/netsim and the sinusoid training again (ATEN_CPU_CAPABILITY=default, 1 thread)"
+ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 "$py" -m pytest -q -m "not memory" tests/netsim \
+    tests/paper/test_sinusoid_stacked.py --ignore=tests/netsim/test_distributed.py \
+    --ignore=tests/netsim/test_packaging.py --ignore=tests/netsim/test_threads.py || status=$?
 
 shopt -s nullglob
 notebooks=(notebooks/*.ipynb)

@@ -99,11 +99,13 @@ def test_stacked_equals_independent_adam_runs(method, make_model, loss):
 
 
 @pytest.mark.parametrize("method,workers", [("mlp", 1), ("vmap", 1), ("mlp", 2)])
-def test_sinusoid_protocol_is_bitwise_identical_to_fused_adam_alone(method, workers):
-    """The paper's setting (64-wide ReLU MLP, L1, batch 64): not one bit differs.
+def test_sinusoid_protocol_agrees_with_fused_adam_alone_to_float32_rounding(method, workers):
+    """The paper's setting (64-wide ReLU MLP, L1, batch 64): the same training as fused Adam alone.
 
-    Empirical on these CPU machines (MKL); see the module docstring for why long runs
-    against any *other* implementation drift apart.
+    Two code paths (batched products against one model's): bitwise equal on the AMD machines, one
+    float32 ulp apart (1.9e-9) on an AVX512 Intel one. So the claim is agreement within 8 ulps of
+    each parameter tensor's largest entry, ~1e4 times below what one Adam step (lr 1e-4) would show;
+    see the module docstring for why long runs against any *other* implementation drift apart.
     """
     from netsim_paper.sinusoid.data import make_sinusoid, sinusoid_mlp
 
@@ -119,7 +121,8 @@ def test_sinusoid_protocol_is_bitwise_identical_to_fused_adam_alone(method, work
         expected, _ = reference_train(models[s], x[s], y[s], seed=7 + s, epochs=3, lr=1e-4,
                                       batch_size=64, fused=True)
         for a, b in zip(trained[s].parameters(), expected.parameters()):
-            assert torch.equal(a, b), f"model {s}: max diff {(a - b).abs().max().item():.2e}"
+            ulp = torch.finfo(a.dtype).eps * float(b.abs().max())
+            torch.testing.assert_close(a, b, rtol=0, atol=8 * ulp, msg=lambda m, s=s: f"model {s}: {m}")
 
 
 def test_fast_mlp_path_agrees_with_generic_vmap_path():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from netsim import layerwise
-from netsim.sketch import Sketch, entry_energy, plan_sketch
+from netsim.sketch import ROW_GROUPS, Sketch, entry_energy, plan_sketch
 
 
 def _model_and_rep():
@@ -142,19 +142,21 @@ def test_token_mode_keeps_token_maps_factored_and_their_dense_form_is_the_exact_
 
 def _structured_count_sketch(f, spec_k, sketch, weight_shape):
     """The reference: the count sketch of the formed `(rows, cols)` gradient (and bias) with bucket
-    h(r) + h'(c) mod k and sign s(r) s'(c), one coordinate at a time."""
+    h(r) + h'_g(r)(c) mod k and sign s(r) s'_g(r)(c), one coordinate at a time."""
     grads = f.dense().grads                                              # (n, d, p)
     rows, cols = weight_shape
     out = torch.zeros(*grads.shape[:2], spec_k, dtype=grads.dtype)
     name = f.names[0]
     if isinstance(f, layerwise.TokenSum) or f.weight:
-        hr, sr = sketch._hash(name, "rows", rows, spec_k, grads)
-        hc, sc = sketch._hash(name, "cols", cols, spec_k, grads)
+        row_bucket, row_sign = sketch.row_buckets(name, rows, spec_k, grads)
+        col_bucket, col_sign = sketch._hash(name, "cols", cols, spec_k, grads, ROW_GROUPS)
         for r in range(rows):
+            group, h = divmod(int(row_bucket[r]), spec_k)
             for c in range(cols):
-                out[:, :, (hr[r] + hc[c]) % spec_k] += sr[r] * sc[c] * grads[:, :, r * cols + c]
+                out[:, :, (h + col_bucket[group, c]) % spec_k] += row_sign[r] * col_sign[group, c] * \
+                    grads[:, :, r * cols + c]
     if not isinstance(f, layerwise.TokenSum) and f.bias:
-        hb, sb = sketch._hash(f.names[-1], "rows", grads.shape[2] - rows * cols, spec_k, grads)
+        (hb,), (sb,) = sketch._hash(f.names[-1], "rows", grads.shape[2] - rows * cols, spec_k, grads)
         for b in range(grads.shape[2] - rows * cols):
             out[:, :, hb[b]] += sb[b] * grads[:, :, rows * cols + b]
     return out

@@ -93,6 +93,15 @@ class JacobianEngine:
         return reps[0] if len(reps) == 1 else torch.cat(reps)
 
     @staticmethod
+    def map(rep: Tensor, fn) -> Tensor:
+        """`fn` applied to each per-sample tensor of the representation (see `LayerwiseEngine.map`)."""
+        return fn(rep)
+
+    @staticmethod
+    def tensors(rep: Tensor) -> list[Tensor]:
+        return [rep]
+
+    @staticmethod
     def self_gram(rep: Tensor) -> Tensor:
         return rep @ rep.transpose(1, 2)
 
@@ -213,6 +222,8 @@ class LayerwiseEngine:
                                                    f0.bias, f0.weight, f0.names))
         return out
 
+    map = staticmethod(layerwise.map_entries)
+    tensors = staticmethod(layerwise.entry_tensors)
     self_gram = staticmethod(layerwise.self_gram)
     transform = staticmethod(layerwise.transform)
     summed = staticmethod(layerwise.summed)

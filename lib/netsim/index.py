@@ -60,7 +60,7 @@ from .kernel import (
     prepare_rows,
     trace_divisor,
 )
-from .layerwise import DenseFactors, LinearFactors
+from .layerwise import DenseFactors
 from .memory import budget_bytes, check_budget
 from .params import ParamSpec
 from .sketch import Sketch, plan_sketch
@@ -107,11 +107,6 @@ def _entries(rep, model: nn.Module, params: ParamSpec) -> Rep:
 def _entry_layout(rep: Rep) -> list[dict]:
     return [{"type": "dense", "names": list(f.names)} if isinstance(f, DenseFactors) else
             {"type": "linear", "names": list(f.names), "bias": f.bias, "weight": f.weight} for f in rep]
-
-
-def _slice(rep: Rep, rows) -> Rep:
-    return [DenseFactors(f.grads[rows], f.names) if isinstance(f, DenseFactors) else
-            LinearFactors(f.x[rows], f.delta[rows], f.bias, f.weight, f.names) for f in rep]
 
 
 class SimilarityIndex:
@@ -372,7 +367,8 @@ class SimilarityIndex:
             if not 0 <= i < len(self):
                 raise IndexError(f"sample {i} is not in the index (0..{len(self) - 1})")
             meta = next(m for m in self.manifest["shards"] if m["start"] <= i < m["stop"])
-            reps.append(_slice(self._read(meta), slice(i - meta["start"], i - meta["start"] + 1)))
+            row = slice(i - meta["start"], i - meta["start"] + 1)
+            reps.append(ENGINE.map(self._read(meta), lambda t, row=row: t[row]))
         return ENGINE.cat(reps)
 
     def _prepared(self, chunks, kind: str, side: str) -> Rep:
@@ -555,8 +551,8 @@ class SimilarityIndex:
         check_choice("kind", kind, KINDS)
         rep = self._rows([i, j])
         layout = layerwise_layout(rep)
-        Qi = self._prepared([(i, _slice(rep, slice(0, 1)))], kind, "rows")
-        Qj = self._prepared([(j, _slice(rep, slice(1, 2)))], kind, "columns")
+        Qi = self._prepared([(i, ENGINE.map(rep, lambda t: t[:1]))], kind, "rows")
+        Qj = self._prepared([(j, ENGINE.map(rep, lambda t: t[1:2]))], kind, "columns")
         parts_i, parts_j = ({m: [Q[e] for e in entries] for m, entries in layout.items()} for Q in (Qi, Qj))
         return OrderedDict((name, float(ENGINE.gram(parts_i[name], parts_j[name], True)[0, 0])) for name in layout)
 

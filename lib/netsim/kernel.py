@@ -306,18 +306,32 @@ def similarity_from_jacobians(
     return _exact_self(out, kind, reduce, rank_x) if Jy is None else out
 
 
-def prepare_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int) -> tuple[object, Tensor]:
+def prepare_rows(chunks, engine, kind: str, rtol, on_zero: str, offset: int, rows: int | None = None
+                 ) -> tuple[object, Tensor]:
     """Prepared Jacobians of a row block, normalised chunk by chunk; all zero-gradient samples
-    of the block are named at once."""
-    reps, ranks = [], []
+    of the block are named at once. Given the block's `rows` (an upper bound), each chunk is
+    written into a block allocated once and dropped: the block is never held twice, as the
+    concatenation of its chunks would be."""
+    reps, ranks, block, filled = [], [], None, 0
     for start, rep in chunks:
         Q, rank = _prepare(rep, kind, rtol, "zero", start, engine)
-        reps.append(Q)
         ranks.append(rank)
+        if rows is None:
+            reps.append(Q)
+            continue
+        if block is None:
+            block = engine.map(Q, lambda t: t.new_empty((rows, *t.shape[1:])))
+        n = engine.size(Q)
+        for whole, part in zip(engine.tensors(block), engine.tensors(Q)):
+            whole[filled:filled + n] = part
+        filled += n
+        del Q
     rank = torch.cat(ranks)
     if on_zero == "raise" and kind != "inner" and bool((rank == 0).any()):
         raise ZeroGradientError((torch.nonzero(rank == 0).flatten() + offset).tolist())
-    return engine.cat(reps), rank
+    if rows is None:
+        return engine.cat(reps), rank
+    return (block if filled == rows else engine.map(block, lambda t: t[:filled])), rank
 
 
 def _transpose_block(block: Tensor, reduce: str) -> Tensor:
@@ -463,7 +477,9 @@ def _blocks(model, source_x: Source, source_y: Source | None, kind, reduce, outp
         for _, group in groupby(counted(row_chunks), key=lambda chunk: chunk[0] // rows_per_block):
             head = next(group)
             r0 = head[0]
-            Qx, rank_x = prepare_rows(chain([head], group), engine, kind, rtol, on_zero, r0)  # noqa: B031
+            Qx = None    # the previous row block is dropped before this one is prepared
+            rows = None if n is None else min(rows_per_block, n - r0)
+            Qx, rank_x = prepare_rows(chain([head], group), engine, kind, rtol, on_zero, r0, rows)  # noqa: B031
             r1 = r0 + engine.size(Qx)
             c_start = r0 if symmetric else 0
             if symmetric:  # the diagonal block reuses this block's own Jacobians

@@ -661,6 +661,13 @@ def entry_tensors(factors: list) -> list[Tensor]:
     return out
 
 
+def map_entries(factors: list, fn) -> list:
+    """The entries with `fn` applied to each of their per-sample tensors (dense and Linear entries):
+    e.g. a slice of the samples, or an empty block of another number of samples."""
+    return [DenseFactors(fn(f.grads), f.names) if isinstance(f, DenseFactors) else
+            LinearFactors(fn(f.x), fn(f.delta), f.bias, f.weight, f.names) for f in factors]
+
+
 def entry_shape(f) -> tuple[int, int]:
     """(n samples, d outputs) of an entry."""
     if isinstance(f, TokenSum):

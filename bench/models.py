@@ -335,7 +335,7 @@ def hf_classifier(family: str, seed: int = 0, vocab: int = 1000, width: int = 64
 def _hf(family: str, n: int, seed: int) -> Bench:
     """Token ids 2..vocab of random lengths 16..32, right-padded with 0 to `TEXT_LENGTH`."""
     g = torch.Generator().manual_seed(seed)
-    model = HFPacked(hf_classifier(family))
+    model = HFPacked(hf_classifier(family)).eval()
     ids = torch.randint(2, 1000, (n, TEXT_LENGTH), generator=g)
     lengths = torch.randint(TEXT_LENGTH // 2, TEXT_LENGTH + 1, (n,), generator=g)
     mask = (torch.arange(TEXT_LENGTH)[None] < lengths[:, None]).long()

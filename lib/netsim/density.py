@@ -43,6 +43,7 @@ from .kernel import (
     shared_method,
     similarity_blocks,
 )
+from .layerwise import TokenFactors, TokenSum
 from .memory import budget_bytes
 from .params import ParamSpec
 
@@ -278,6 +279,9 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     if process_group is not None:   # every rank must add up the same representation
         method = shared_method(model, queries, output_fn, chunk_size, method, params, process_group)
     engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
+    # The layer-wise engine keeps maps shared by token positions as their per-token factors here: the
+    # sums and dot products need no per-sample gradient of theirs (BERT, N = 4096: ...).
+    engine.tokens, engine.saw_tokens = engine.name == "layerwise", False
     n_queries = queries.length
     if process_group is not None:
         if queries.length is None or reference.length is None:
@@ -303,6 +307,11 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     if same and kept and len(kept) == len(normalisers):   # every Q kept: no second pass over the data
         for q in kept:
             counts.append(engine.dot_with_sums(q, total).diagonal(dim1=-2, dim2=-1).sum(-1))
+    elif same and queries.length != 0 and engine.saw_tokens:
+        # Second pass from the factors recomputed (a forward and a backward per chunk): the jvps
+        # would run the model in forward mode, as costly, and its sums are kept per token map
+        for (_, rep), factor in zip(_chunks(engine, queries), normalisers):
+            counts.append(engine.dot_with_sums(engine.transform(rep, factor), total).diagonal(dim1=-2, dim2=-1).sum(-1))
     elif same and queries.length != 0:
         # Second pass in forward mode: J(x) A^T column by column, one jvp per output row of A.
         tangents = [engine.tangent(total, b) for b in range(normalisers[0].shape[1])]
@@ -310,7 +319,7 @@ def soft_density(model: nn.Module, xs, *, reference=None,
             jt = torch.stack([output_jvp(model, inputs, t, output_fn, sub, params=params) for t in tangents], 2)
             counts.append((factor @ jt).diagonal(dim1=-2, dim2=-1).sum(-1))
     elif queries.length != 0:
-        for start, rep in engine_chunks(engine, queries):
+        for start, rep in _chunks(engine, queries):
             products = engine.dot_with_sums(_normalised(engine, rep, rtol, on_zero, start), total)
             counts.append(products.diagonal(dim1=-2, dim2=-1).sum(-1))
     first = next(iter(trainable_parameters(model, params).values()))
@@ -340,6 +349,16 @@ def check_soft_density_call(model: nn.Module, xs, reference, targets: Tensor | N
     return queries, reference
 
 
+def _chunks(engine, source: Source):
+    """`engine_chunks`, a tied parameter's token uses (`layerwise.TokenSum`) formed into one dense entry;
+    notes on the engine whether it met token maps (`saw_tokens`)."""
+    for start, rep in engine_chunks(engine, source):
+        if engine.tokens:
+            engine.saw_tokens |= any(isinstance(f, (TokenFactors, TokenSum)) for f in rep)
+            rep = [f.dense() if isinstance(f, TokenSum) else f for f in rep]
+        yield start, rep
+
+
 def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, normalisers: list | None = None,
                      kept: list | None = None, max_kept_bytes: int = 0) -> list:
     """First pass: sum of the normalised Jacobians Q(x') / sqrt(rank) over `source`, per layer.
@@ -347,7 +366,7 @@ def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, no
     Appends each chunk's normalisers to `normalisers` when given, and each chunk's Q to `kept`
     while their total stays within `max_kept_bytes` (past it, `kept` is emptied for good)."""
     total, kept_bytes = None, 0
-    for start, rep in engine_chunks(engine, source):
+    for start, rep in _chunks(engine, source):
         factor = soft_normaliser(engine, rep, rtol, on_zero, offset + start)
         if normalisers is not None:
             normalisers.append(factor)

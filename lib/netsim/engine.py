@@ -158,22 +158,51 @@ class LayerwiseEngine:
     #: gradients make large chunks fall out of cache (1M-parameter CNN, 1 thread: 2.4x an
     #: epoch for the soft density at 32-64 samples per chunk, 3.3x at 256).
     chunk_bytes = 16 * 2**20
+    #: ... and this many with token maps kept as per-token factors, whose sums and dot products are
+    #: GEMMs over the chunk's tokens (soft density of BERT, N = 4096: 2.6x an epoch at 128 samples
+    #: per chunk, 3.6x at the 29 of 16 MiB).
+    token_chunk_bytes = 32 * 2**20
 
     def __init__(self, model: nn.Module, output_fn: OutputFn | None, chunk_size: int | None,
-                 probe: list | None = None, copy_records: bool | None = None, params: ParamSpec = None):
+                 probe: list | None = None, copy_records: bool | None = None, params: ParamSpec = None,
+                 probe_inputs: tuple | None = None):
         check_positive_int("chunk_size", chunk_size, optional=True)
         self.model, self.output_fn, self.params = model, output_fn, params
-        # Whether chunks keep token maps as per-token factors (`layerwise.factorise_layout(tokens=)`):
-        # set by the consumers that sketch them (`SimilarityIndex`), never the kernels'.
-        self.tokens = False
         # The one-sample probe that selected this engine: its size per sample, and its layout
-        # (layer kinds, parameter names), which `tangent` maps sums back to parameters with.
-        self._template = probe
+        # (layer kinds, parameter names), which `tangent` maps sums back to parameters with; its
+        # (inputs, targets), to size the chunks of token mode.
+        self._template, self._probe_inputs = probe, probe_inputs
         # Whether the forward modifies recorded tensors in place (found by the probe): this
         # engine's chunks then record copies from the start, without a second forward.
         self.copy_records = copy_records
         self.sample_bytes = self.nbytes(probe) if probe else 0
-        self.chunk = chunk_size or int(min(256, max(16, self.chunk_bytes // max(self.sample_bytes, 1))))
+        self._chunk_size = chunk_size
+        self.chunk = chunk_size or self._chunk_for(self.sample_bytes, self.chunk_bytes)
+        self._tokens = False
+
+    @staticmethod
+    def _chunk_for(sample_bytes: int, target: int) -> int:
+        return int(min(256, max(16, target // max(sample_bytes, 1))))
+
+    @property
+    def tokens(self) -> bool:
+        """Whether chunks keep token maps as per-token factors (`layerwise.factorise_layout(tokens=)`):
+        set by the consumers that sum or sketch them (`soft_density`, `SimilarityIndex`), never by
+        the kernels'. Setting it sizes the chunks (unless given) to `token_chunk_bytes` of factors."""
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: bool) -> None:
+        self._tokens = bool(value)
+        if self._chunk_size is not None or self._probe_inputs is None:
+            return
+        self.chunk = self._chunk_for(self.sample_bytes, self.chunk_bytes)
+        if self._tokens:
+            inputs, targets = self._probe_inputs
+            probe, _ = layerwise.factorise_layout(self.model, inputs, self.output_fn, targets, copy=self.copy_records,
+                                                  params=self.params, tokens=True)
+            if any(isinstance(f, (layerwise.TokenFactors, layerwise.TokenSum)) for f in probe):
+                self.chunk = self._chunk_for(self.nbytes(probe), self.token_chunk_bytes)
 
     def chunks(self, inputs: Inputs, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, input_rows(inputs), self.chunk):
@@ -243,6 +272,9 @@ class LayerwiseEngine:
         for f in rep:
             if isinstance(f, layerwise.DenseFactors):
                 m = f.grads.abs().amax((1, 2))
+            elif isinstance(f, layerwise.TokenFactors):   # a sum over T tokens of |Delta| |x| at most
+                inputs = 1.0 if f.kind == "embedding" else f.x.abs().amax((1, 2)).clamp_min(1.0)
+                m = f.delta.abs().amax((1, 2, 3)) * inputs * f.delta.shape[2]
             else:
                 m = f.delta.abs().amax((1, 2)) * f.x.abs().amax(1).clamp_min(1.0)
             out = m if out is None else torch.maximum(out, m)
@@ -302,13 +334,12 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
     if method == "jacobian":
         return jacobian
     first = None if targets is None else targets[:1]
+    sample = (index_inputs(inputs, slice(0, 1)), first)
     if method == "layerwise":
-        probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
-                                                 params=params, verify=True)
-        return LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
+        probe, copy = layerwise.factorise_layout(model, sample[0], output_fn, first, params=params, verify=True)
+        return LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params, sample)
     try:
-        probe, copy = layerwise.factorise_layout(model, index_inputs(inputs, slice(0, 1)), output_fn, first,
-                                                 params=params, verify=True)
+        probe, copy = layerwise.factorise_layout(model, sample[0], output_fn, first, params=params, verify=True)
     except Exception as error:  # noqa: BLE001 -- any engine failure: auto goes on without it
         if not isinstance(error, (layerwise.UnsupportedModel, NonFiniteError)):
             # the same sample on the Jacobian engine: an error of the user's (an output_fn returning
@@ -317,7 +348,7 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
                 pass
         left_out("layerwise", error)
         return jacobian
-    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params)
+    engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params, sample)
     d, itemsize = LayerwiseEngine.shape(probe)[1], layerwise.entry_tensors(probe)[0].element_size()
     key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
     with _AUTO_LOCK:

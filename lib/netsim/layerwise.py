@@ -729,6 +729,10 @@ def sums_as_parameters(factors: list, sums: list, row: int, model: nn.Module) ->
     shapes = {k: p.shape for k, p in model.named_parameters()}
     out = {}
     for f, s in zip(factors, sums):
+        if isinstance(f, TokenFactors):   # (weight, bias) already in the parameters' layout
+            for name, t in zip(f.names, [t for t in s if t is not None]):
+                out[name] = t[row]
+            continue
         if isinstance(f, DenseFactors):
             flat, offset = s[row], 0
             for name in f.names:
@@ -796,6 +800,10 @@ def transform(factors: list, left: Tensor) -> list:
     for f in factors:
         if isinstance(f, DenseFactors):
             out.append(DenseFactors(left @ f.grads))
+        elif isinstance(f, TokenFactors):
+            n, d, t, width = f.delta.shape
+            delta = (left @ f.delta.reshape(n, d, t * width)).reshape(n, d, t, width)
+            out.append(TokenFactors(f.x, delta, f.kind, f.weight, f.bias, f.rows, f.names))
         else:
             out.append(LinearFactors(f.x, left @ f.delta, f.bias, f.weight))
     return out
@@ -893,11 +901,14 @@ def _gram_matrices(fx: list, fy: list) -> Tensor:
 
 
 def self_gram(factors: list) -> Tensor:
-    """K(x, x) for every sample of the chunk, `(n, d, d)`, without any cross-sample work."""
+    """K(x, x) for every sample of the chunk, `(n, d, d)`, without any cross-sample work (a token
+    entry's from its tokens' grams: O(T^2 (in + d out)), its gradient never formed)."""
     total = None
     for f in factors:
         if isinstance(f, DenseFactors):
             block = f.grads @ f.grads.transpose(1, 2)
+        elif isinstance(f, TokenFactors):
+            block = _token_self_gram(f)
         else:
             sq = (f.x * f.x).sum(1) if f.weight else torch.zeros(f.x.shape[0], dtype=f.x.dtype, device=f.x.device)
             block = (f.delta @ f.delta.transpose(1, 2)) * (sq + (1.0 if f.bias else 0.0))[:, None, None]
@@ -907,11 +918,14 @@ def self_gram(factors: list) -> Tensor:
 
 def summed(factors: list) -> list:
     """sum over the chunk of each output row's Jacobian, per layer: `(d, out, in)` / `(d, p_layer)`
-    tensors (the first pass of the soft density; O(n d in out) per Linear layer)."""
+    tensors (the first pass of the soft density; O(n d in out) per Linear layer; a token entry's
+    (weight, bias) in the weight's own layout, one GEMM over every token of the chunk)."""
     out = []
     for f in factors:
         if isinstance(f, DenseFactors):
             out.append(f.grads.sum(0))
+        elif isinstance(f, TokenFactors):
+            out.append(_token_sums(f))
         else:
             w = torch.einsum("nao,ni->aoi", f.delta, f.x) if f.weight else None
             b = f.delta.sum(0) if f.bias else None
@@ -934,6 +948,8 @@ def dot_with_sums(factors: list, sums: list) -> Tensor:
     for f, s in zip(factors, sums):
         if isinstance(f, DenseFactors):
             block = f.grads @ s.T
+        elif isinstance(f, TokenFactors):
+            block = _token_dot(f, *s)
         else:
             w, b = s
             block = 0.0
@@ -943,6 +959,52 @@ def dot_with_sums(factors: list, sums: list) -> Tensor:
                 block = block + f.delta @ b.T
         total = block if total is None else total + block
     return total
+
+
+def _token_self_gram(f: TokenFactors) -> Tensor:
+    """`(n, d, d)` K(x, x) of a token entry: sum_ts (delta^a_t . delta^b_s)(x_t . x_s) for a linear map
+    (its bias adds (sum_t delta^a_t) . (sum_s delta^b_s)), [id_t = id_s] in place of x_t . x_s for an
+    embedding."""
+    n, d, t, _ = f.delta.shape
+    deltas = f.delta.reshape(n, d * t, -1)
+    pairs = (deltas @ deltas.transpose(1, 2)).reshape(n, d, t, d, t)          # delta^a_t . delta^b_s
+    if f.kind == "embedding":
+        inputs = (f.x[:, :, None] == f.x[:, None, :]).to(f.delta.dtype)
+    else:
+        inputs = f.x @ f.x.transpose(1, 2) if f.weight else torch.zeros_like(pairs[:, 0, :, 0])
+        if f.bias:
+            inputs = inputs + 1.0
+    return torch.einsum("natbs,nts->nab", pairs, inputs)
+
+
+def _token_sums(f: TokenFactors) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) sums over the chunk of a token entry's per-sample gradients, `(d, *weight.shape)`
+    and `(d, out)`: a GEMM over all of the chunk's tokens (a scatter of their Deltas for an embedding)."""
+    n, d, t, width = f.delta.shape
+    if f.kind == "embedding":
+        rows = f.delta.new_zeros(d, f.rows, width)
+        return rows.index_add_(1, f.x.reshape(-1), f.delta.transpose(0, 1).reshape(d, n * t, width)), None
+    pattern = "nato,nti->aio" if f.kind == "transposed" else "nato,nti->aoi"
+    weight = torch.einsum(pattern, f.delta, f.x) if f.weight else None
+    return weight, (f.delta.sum((0, 2)) if f.bias else None)
+
+
+def _token_dot(f: TokenFactors, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`(n, d, d_S)` J^a(x) . S^b of a token entry against `_token_sums`-shaped (weight, bias): each
+    token's Delta against the sum's weight applied to its input (an embedding: the sum's rows at its ids)."""
+    n, d, t, width = f.delta.shape
+    if f.kind == "embedding":
+        applied = weight[:, f.x].permute(1, 2, 0, 3)                           # (n, T, d_S, dim)
+    elif weight is not None:   # every token's input through the sum's weights: one GEMM, (n, T, d_S, out)
+        columns = weight.transpose(1, 2) if f.kind == "linear" else weight     # (d_S, in, out)
+        applied = (f.x.reshape(n * t, -1) @ columns.permute(1, 0, 2).reshape(columns.shape[1], -1))
+        applied = applied.reshape(n, t, weight.shape[0], width)
+    block = 0.0
+    if f.kind == "embedding" or weight is not None:   # sum over tokens and outputs: (n, d, T out) x (n, T out, d_S)
+        block = f.delta.reshape(n, d, t * width) @ applied.transpose(2, 3).reshape(n, t * width, -1)
+    if bias is not None:
+        block = block + f.delta.sum(2) @ bias.T
+    return block
 
 
 def sums_as_tensors(sums: list) -> list[Tensor]:

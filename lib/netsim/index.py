@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__, store
-from .by_module import jacobian_layout, layerwise_layout, parameter_modules
+from . import __version__, ann, store
+from .by_module import jacobian_layout, layerwise_layout, module_of, parameter_modules
 from .checks import check_choice, check_data, check_model, check_positive_int, model_device
 from .data import as_source
 from .density import soft_normaliser
@@ -65,6 +65,11 @@ from .memory import budget_bytes, check_budget
 from .params import ParamSpec
 from .sketch import Sketch, plan_sketch
 
+#: The query searches: the streamed comparison with every indexed sample, or `netsim.ann`'s.
+SEARCHES = ("exact", "approximate")
+#: Queries whose candidates an approximate search re-ranks at a time (bounds the (queries,
+#: candidates, D) gather).
+RERANK_QUERIES = 128
 #: A sketch size that keeps the neighbours (top-10 recall against exact k^C, `bench/index.py`).
 DEFAULT_SKETCH = 1024
 
@@ -118,6 +123,7 @@ class SimilarityIndex:
         self.path, self.manifest, self.model = Path(root), manifest, model
         self.output_fn, self.params, self.chunk_size = output_fn, params, chunk_size
         self.memory_budget = memory_budget   # of the queries' blocks (`netsim.memory`)
+        self._ann = None                      # the approximate index, opened at its first use
         self._sketch = Sketch(manifest["sketch_plan"]) if manifest["sketch_plan"] else None
         self._verified: set[int] = set()   # shards whose checksums this object has checked (or written)
 
@@ -126,13 +132,22 @@ class SimilarityIndex:
     def build(cls, model: nn.Module, data, path, *, output_fn: OutputFn | None = None, targets: Tensor | None = None,
               targets_key: str | None = None, params: ParamSpec = None, sketch: int | None = None, seed: int = 0,
               shard_size: int = 4096, method: str = "auto", chunk_size: int | None = None, on_zero: str = "raise",
-              progress: bool = False, process_group=None, memory_budget: int | None = None) -> SimilarityIndex:
+              progress: bool = False, process_group=None, num_shards: int | None = None, shard_id: int | None = None,
+              memory_budget: int | None = None) -> SimilarityIndex | None:
         """Streams `data` once and stores what the kernels need of every sample under `path`.
 
         If `path` already holds an index built with the same settings, a complete one is reopened
         and a partial one (a killed build) resumes at its first incomplete shard; an index built
         with other settings (another model, output function, parameters, sketch) is refused,
         never overwritten.
+
+        Independent workers (a SLURM array, `torchrun`, Ray tasks, shells on one machine) build one
+        index together with `num_shards=S, shard_id=s`: each passes the same data, path and settings
+        and writes its slice, the s-th of S contiguous runs of shards, publishing each shard
+        atomically; nothing is shared but the file system. The first worker to start writes the
+        manifest (the others adopt it and are refused if their settings differ); each shard
+        carries its settings' stamp; a killed worker resumes its own slice. The worker that finds
+        every slice written completes the index (`merge`); the others return None.
 
         Args:
             model: the trained network (eval mode).
@@ -149,15 +164,22 @@ class SimilarityIndex:
             process_group: a `torch.distributed` group: every rank passes the same data and path
                 (a shared file system) and writes the shards `s` with `s % world == rank`; the data
                 must have a known length.
+            num_shards, shard_id: this process builds slice `shard_id` (0-based) of `num_shards`
+                (see above); the data must have a known length (a tensor or a Dataset is read at the
+                slice directly, a DataLoader up to it).
             memory_budget: bytes the queries of the returned index may hold beyond the model: their
                 block of entries and its kernel block against a shard (`netsim.memory`; also an
                 argument of `open`).
+
+        Returns:
+            The index; None for a worker (`num_shards`) while other slices are missing.
 
         Raises:
             FileExistsError: `path` holds an index with other settings (or is a file).
             ZeroGradientError, NonFiniteError: as in `netsim.similarity`.
         """
         check_engine_options(model, method=method, chunk_size=chunk_size, params=params, memory_budget=memory_budget)
+        worker = _check_worker(num_shards, shard_id, process_group)
         check_positive_int("shard_size", shard_size)
         check_choice("on_zero", on_zero, ON_ZERO)
         if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
@@ -168,32 +190,41 @@ class SimilarityIndex:
         source = as_source(data, targets, targets_key=targets_key, name="data", device=model_device(model))
         check_data(model, source)
         distributed = process_group is not None
-        if distributed and source.length is None:
-            raise ValueError("process_group needs data of known length (a tensor, a Dataset or a DataLoader over one)")
+        if (distributed or worker) and source.length is None:
+            raise ValueError("process_group and num_shards need data of known length (a tensor, a Dataset or a "
+                             "DataLoader over one)")
         settings = cls._settings(model, output_fn, params, sketch, seed, shard_size, on_zero)
         rank = dist.get_rank(process_group) if distributed else 0
         manifest = store.read_manifest(root)
-        if manifest is not None:
-            cls._check_settings(manifest, settings, root)
-            if method != "auto" and method != manifest["engine"]:
-                raise FileExistsError(f"{root} was built with method={manifest['engine']!r}, not {method!r}")
-        elif rank == 0:
-            manifest = cls._new_manifest(model, source, settings, output_fn, chunk_size, method, params)
+        if manifest is None and rank == 0:   # the first to create it wins; a worker that loses reads it
+            new = cls._new_manifest(model, source, settings, output_fn, chunk_size, method, params)
+            new.update(length=source.length, num_shards=num_shards)
             root.mkdir(parents=True, exist_ok=True)
-            store.write_json(root / store.MANIFEST, manifest)
+            manifest = new if store.create_json(root / store.MANIFEST, new) else store.read_manifest(root)
         if distributed:
             dist.barrier(process_group)
             manifest = store.read_manifest(root)
+        cls._check_settings(manifest, settings, root)
+        if method != "auto" and method != manifest["engine"]:
+            raise FileExistsError(f"{root} was built with method={manifest['engine']!r}, not {method!r}")
+        if worker and manifest.get("num_shards") not in (None, num_shards):
+            raise FileExistsError(f"{root} is being built by {manifest['num_shards']} workers, not {num_shards}")
         index = cls(root, manifest, model, output_fn, params, chunk_size, memory_budget)
         if manifest["complete"]:
             return index
-        if rank == 0:
-            store.remove_partial(root)
+        count = math.ceil(source.length / shard_size) if source.length is not None else None
+        mine = (None if not (distributed or worker) else
+                _slice_of(shard_id, num_shards, count) if worker else
+                range(rank, count, dist.get_world_size(process_group)))
+        if rank == 0 or worker:
+            store.remove_partial(root, mine)
         if distributed:
             dist.barrier(process_group)
-        index._write_shards(source, progress, process_group)
+        index._write_shards(source, progress, mine)
         if distributed:
             dist.barrier(process_group)
+        if worker:
+            return cls._merged(index) if _missing(root, manifest) == [] else None
         if rank == 0:
             index._finish(source)
         if distributed:
@@ -244,11 +275,15 @@ class SimilarityIndex:
              chunk_size: int | None = None, memory_budget: int | None = None) -> SimilarityIndex:
         """Reopens a complete index for `model` (the same output function and parameter selection).
 
+        An index written by independent workers (`build(num_shards=...)`) is completed here when
+        every slice is present (`merge`).
+
         Raises:
             FileNotFoundError: no index at `path`.
-            ValueError: the index is incomplete (call `build` again to resume it), or was built
-                from another model (its parameter fingerprint differs), output function or
-                parameter selection.
+            ValueError: the index is incomplete (call `build` again to resume it; for workers, the
+                missing slices and shards are named), a shard was written with other settings (named),
+                or the index was built from another model (its parameter fingerprint differs), output
+                function or parameter selection.
             CorruptIndexError: an unreadable manifest.
         """
         check_model(model)
@@ -257,6 +292,8 @@ class SimilarityIndex:
         manifest = store.read_manifest(root)
         if manifest is None:
             raise FileNotFoundError(f"no SimilarityIndex at {root} (no {store.MANIFEST})")
+        if not manifest["complete"] and manifest.get("num_shards") is not None:   # written by workers: merge
+            manifest = _finalise(root, manifest, manifest["length"])
         if not manifest["complete"]:
             raise ValueError(f"the index at {root} is incomplete ({len(manifest['shards'])} shard(s) done): call "
                              "SimilarityIndex.build with the same arguments to resume it")
@@ -269,14 +306,31 @@ class SimilarityIndex:
             raise ValueError(f"this model does not match the index: {error}") from None
         return cls(root, manifest, model, output_fn, params, chunk_size, memory_budget)
 
-    def _write_shards(self, source, progress: bool, process_group) -> None:
+    @classmethod
+    def merge(cls, path, model: nn.Module, **options) -> SimilarityIndex:
+        """Completes an index written by independent workers (`build(num_shards=S, shard_id=s)`) and
+        opens it: checks that every slice is present and that every shard carries the index's
+        settings stamp, naming the missing slices (and their shards and samples) or the shard that
+        differs. The same as `open(path, model, **options)`, which merges too."""
+        return cls.open(path, model, **options)
+
+    @classmethod
+    def _merged(cls, index: SimilarityIndex) -> SimilarityIndex:
+        return cls.open(index.path, index.model, output_fn=index.output_fn, params=index.params,
+                        chunk_size=index.chunk_size, memory_budget=index.memory_budget)
+
+    def _write_shards(self, source, progress: bool, shards=None) -> None:
+        """Writes the missing shards: all of them in order (`shards` None; the manifest records each),
+        or those of `shards` (one rank's or worker's; only the files say which are done)."""
         size = self.manifest["settings"]["shard_size"]
         done = {m["index"]: m for m in store.completed_shards(self.path)}
         self._clock = (time.perf_counter(), self.manifest.get("build_wall_s", 0.0))
         engine = self._engine(source)
-        bar = tqdm(total=source.length, desc="index", unit="sample", disable=not progress)
+        stamp = store.settings_stamp(self.manifest)
+        bar = tqdm(total=source.length if shards is None else len(shards) * size, desc="index", unit="sample",
+                   disable=not progress)
         try:
-            if process_group is None:
+            if shards is None:
                 start = 0
                 while start // size in done:   # the complete prefix (shards are written in order)
                     start = done[start // size]["stop"]
@@ -287,17 +341,15 @@ class SimilarityIndex:
                     for offset, rep in group:
                         reps.append(self._stored(rep, offset))
                         bar.update(ENGINE.size(reps[-1]))
-                    self._add_shard(store.write_shard(self.path, s, s * size, ENGINE.cat(reps)))
-            else:
-                rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-                for s in range(rank, math.ceil(source.length / size), world):
-                    if s in done:
-                        continue
-                    stop = min(source.length, (s + 1) * size)
+                    self._add_shard(store.write_shard(self.path, s, s * size, ENGINE.cat(reps), stamp))
+                return
+            for s in shards:
+                stop = min(source.length, (s + 1) * size)
+                if s not in done:
                     reps = [self._stored(rep, s * size + o) for o, rep in
                             engine_chunks(engine, source.rows(s * size, stop))]
-                    store.write_shard(self.path, s, s * size, ENGINE.cat(reps))
-                    bar.update(stop - s * size)
+                    store.write_shard(self.path, s, s * size, ENGINE.cat(reps), stamp)
+                bar.update(stop - s * size)
         finally:
             bar.close()
 
@@ -321,14 +373,8 @@ class SimilarityIndex:
         store.write_json(self.path / store.MANIFEST, self.manifest)
 
     def _finish(self, source) -> None:
-        metas = store.completed_shards(self.path)
-        stops = [m["stop"] for m in metas]
-        length = stops[-1] if source.length is None else source.length
-        if [m["start"] for m in metas] != [0, *stops[:-1]] or stops[-1] != length:
-            raise RuntimeError(f"the shards under {self.path} do not cover the data contiguously: "
-                               f"{[(m['start'], m['stop']) for m in metas]}")
-        self.manifest.update(shards=metas, count=stops[-1], complete=True, build_wall_s=self._elapsed())
-        store.write_json(self.path / store.MANIFEST, self.manifest)
+        self.manifest["build_wall_s"] = self._elapsed()
+        self.manifest = _finalise(self.path, self.manifest, source.length)
 
     # ------------------------------------------------------------------ representations
     def _engine(self, source):
@@ -360,16 +406,21 @@ class SimilarityIndex:
             self._verified.add(meta["index"])
         return store.read_shard(self.path, meta, self.manifest["layout"], model_device(self.model))
 
-    def _rows(self, indices: list[int]) -> Rep:
-        """The stored entries of the samples at `indices` (global row numbers), in that order."""
+    def _rows(self, indices) -> Rep:
+        """The stored entries of the samples at `indices` (global row numbers, a list or tensor), in that
+        order: each shard holding some of them is read once."""
+        indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        bad = indices[(indices < 0) | (indices >= len(self))]
+        if len(bad):
+            raise IndexError(f"sample {int(bad[0])} is not in the index (0..{len(self) - 1})")
+        ordered, back = indices.sort()
         reps = []
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"sample {i} is not in the index (0..{len(self) - 1})")
-            meta = next(m for m in self.manifest["shards"] if m["start"] <= i < m["stop"])
-            row = slice(i - meta["start"], i - meta["start"] + 1)
-            reps.append(ENGINE.map(self._read(meta), lambda t, row=row: t[row]))
-        return ENGINE.cat(reps)
+        for meta in self.manifest["shards"]:
+            inside = ordered[(ordered >= meta["start"]) & (ordered < meta["stop"])] - meta["start"]
+            if len(inside):
+                reps.append(ENGINE.map(self._read(meta), lambda t, rows=inside: t[rows]))
+        out = ENGINE.cat(reps)
+        return ENGINE.map(out, lambda t: t[back.argsort()])
 
     def _prepared(self, chunks, kind: str, side: str) -> Rep:
         """Prepared entries (`kernel.prepare_rows` / `prepare_columns`) divided per sample by the
@@ -396,6 +447,79 @@ class SimilarityIndex:
         """The reduced kernel block between two `_prepared` sides."""
         block = ENGINE.gram(Qx, Qy, True)
         return block.clamp_(-1.0, 1.0) if kind == "correlation" else block
+
+    # ------------------------------------------------------------------ approximate search
+    def build_ann(self, *, nlist: int | None = None, seed: int = 0, progress: bool = False):
+        """Builds the approximate index of `query(search="approximate")` beside this index (`netsim.ann`):
+        an inverted-file index of `nlist` lists (default about 4 sqrt(N)) over the normalised stored
+        entries, one part per shard. Resumes a killed build; after a shard was rebuilt, redoes its part.
+
+        Returns:
+            The `netsim.ann.ApproximateIndex` (its `meta` holds the settings and build time).
+
+        Raises:
+            ImportError: FAISS is not installed (`pip install faiss-cpu`).
+        """
+        if nlist is not None:
+            check_positive_int("nlist", nlist)
+        self._ann = ann.build(self, nlist=nlist, seed=seed, progress=progress)
+        return self._ann
+
+    def calibrate_ann(self, n_queries: int = 200, k: int = 10, *, nprobe: int | None = None,
+                      candidates: int | None = None, seed: int = 0) -> dict:
+        """Top-k recall of the approximate search against the exact streamed search, for
+        `n_queries` indexed samples drawn at random (seeded) as queries (self excluded from both).
+
+        Returns:
+            `{"ann_recall_at_k", "ann_k", "ann_queries", "ann_nprobe", "ann_candidates"}`.
+        """
+        check_positive_int("n_queries", n_queries)
+        picked = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n_queries].sort().values
+        queries = ann.flat(self._stored_prepared(self._rows(picked.tolist())))
+        _, approximate = self._approximate(queries, k, nprobe, candidates, exclude=picked)
+        best, found = queries.new_full((len(picked), k), -math.inf), torch.full((len(picked), k), -1)
+        for meta in self.manifest["shards"]:   # the exact search, streamed over the shards
+            block = queries @ ann.flat(self._stored_prepared(self._read(meta))).T
+            block[picked[:, None] == torch.arange(meta["start"], meta["stop"])[None, :]] = -math.inf
+            _merge_top(best, found, block, meta["start"])
+        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, approximate))
+        nlist = ann.opened(self).meta["settings"]["nlist"]
+        return {"ann_recall_at_k": hits / found.numel(), "ann_k": k, "ann_queries": len(picked),
+                "ann_nprobe": nprobe or default_nprobe(nlist), "ann_candidates": candidates or max(4 * k, 100)}
+
+    def _stored_prepared(self, rep: Rep) -> Rep:
+        """Stored entries normalised for k^C (`_prepared`, rows and columns alike for correlation)."""
+        return self._prepared([(0, rep)], "correlation", "rows")
+
+    def _query_flat(self, xs, targets, targets_key) -> Tensor:
+        """`(Q, D)` flat vectors of query data (`netsim.ann.flat`)."""
+        reps = self._query_reps(xs, targets, targets_key)
+        return torch.cat([ann.flat(self._stored_prepared(rep)) for _, rep in reps])
+
+    def _approximate(self, queries: Tensor, k: int, nprobe: int | None, candidates: int | None,
+                     exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k of flat query vectors from the approximate index's candidates, re-ranked by exact k^C
+        (`exclude`: each query's own sample number, left out)."""
+        if self._ann is None:
+            self._ann = ann.opened(self)
+        nlist = self._ann.meta["settings"]["nlist"]
+        check_positive_int("nprobe", nprobe, optional=True)
+        check_positive_int("candidates", candidates, optional=True)
+        proposed = self._ann.search(queries, (candidates or max(4 * k, 100)) + (exclude is not None),
+                                    nprobe or default_nprobe(nlist))
+        if exclude is not None:
+            proposed[proposed == exclude[:, None]] = -1
+        scores = queries.new_full(proposed.shape, -math.inf)
+        wanted = proposed[proposed >= 0].unique()
+        if len(wanted):
+            vectors = ann.flat(self._stored_prepared(self._rows(wanted)))       # (U, D), in `wanted` order
+            position = torch.searchsorted(wanted, proposed.clamp_min(0))
+            for start in range(0, len(queries), RERANK_QUERIES):   # (queries, candidates, D) a block at a time
+                block = slice(start, start + RERANK_QUERIES)
+                exact = torch.einsum("qd,qcd->qc", queries[block], vectors[position[block]])
+                scores[block] = torch.where(proposed[block] >= 0, exact, scores[block])
+        values, order = scores.clamp_(max=1.0).topk(min(k, scores.shape[1]), dim=1)
+        return values, torch.where(torch.isfinite(values), proposed.gather(1, order), -1)
 
     def _rows_per_block(self) -> int:
         """Queries per block: their entries, their kernel block against a shard and its top-k merge
@@ -425,20 +549,37 @@ class SimilarityIndex:
             store.verify_shard(self.path, meta)
             self._verified.add(meta["index"])
 
-    def _blocks(self, xs, targets, targets_key, kind: str) -> Iterator[tuple[slice, dict, Tensor]]:
-        """`(query rows, shard meta, (b, shard) kernel block)` for every query block and shard."""
+    def _module_entries(self, modules) -> list[int] | None:
+        """The positions of the stored entries of `modules` (names as in `named_modules`), None for all."""
+        if modules is None:
+            return None
+        modules = [modules] if isinstance(modules, str) else list(modules)
+        owners = [{module_of(name) for name in entry["names"]} for entry in self.manifest["layout"]]
+        available = sorted(set().union(*owners))
+        unknown = [m for m in modules if m not in available]
+        if unknown or not modules:
+            raise ValueError(f"modules must name modules owning indexed parameters; {unknown or modules} are not "
+                             f"among them: {available}")
+        return [i for i, names in enumerate(owners) if names & set(modules)]
+
+    def _blocks(self, xs, targets, targets_key, kind: str, modules=None) -> Iterator[tuple[slice, dict, Tensor]]:
+        """`(query rows, shard meta, (b, shard) kernel block)` for every query block and shard (of the
+        entries of `modules` only, when given)."""
         check_choice("kind", kind, KINDS)
+        keep = self._module_entries(modules)
+        pick = (lambda rep: rep) if keep is None else (lambda rep: [rep[i] for i in keep])
         block = self._rows_per_block()
-        chunks = self._query_reps(xs, targets, targets_key, block=block)
+        chunks = ((offset, pick(rep)) for offset, rep in self._query_reps(xs, targets, targets_key, block=block))
         for _, group in groupby(chunks, key=lambda chunk: chunk[0] // block):
             group = list(group)
             Qx = self._prepared(group, kind, "rows")
             rows = slice(group[0][0], group[0][0] + ENGINE.size(Qx))
             for meta, rep in self._shards():
-                yield rows, meta, self._kernel(Qx, self._prepared([(meta["start"], rep)], kind, "columns"), kind)
+                Qy = self._prepared([(meta["start"], pick(rep))], kind, "columns")
+                yield rows, meta, self._kernel(Qx, Qy, kind)
 
     def similarity(self, xs, *, kind: str = "correlation", targets: Tensor | None = None,
-                   targets_key: str | None = None) -> Tensor:
+                   targets_key: str | None = None, modules=None) -> Tensor:
         """The kernel rows of query inputs against every indexed sample.
 
         Args:
@@ -446,47 +587,81 @@ class SimilarityIndex:
             kind: "correlation" (k^C), "inner" (k^I) or "influence" (k^N: entry [q, j] is the
                 influence of query q on indexed sample j), reduced by the trace.
             targets, targets_key: the queries' targets for the output function.
+            modules: a module name or names (as in `model.named_modules()`): the kernel of those
+                modules' parameters alone (normalised by their own self-kernels: what
+                `netsim.similarity(..., params=[f"{module}.*"])` gives), from their stored entries.
+                None: every indexed parameter.
 
         Returns:
             `(Q, N)`: equal to `netsim.similarity(model, xs, indexed data, kind=kind)` for an exact index.
         """
         rows_out = []
-        for rows, meta, block in self._blocks(xs, targets, targets_key, kind):
+        for rows, meta, block in self._blocks(xs, targets, targets_key, kind, modules):
             if meta["index"] == 0:
                 rows_out.append(block.new_empty(rows.stop - rows.start, len(self)))
             rows_out[-1][:, meta["start"]:meta["stop"]] = block
         return torch.cat(rows_out)
 
     def query(self, xs, k: int = 10, *, kind: str = "correlation", targets: Tensor | None = None,
-              targets_key: str | None = None) -> tuple[Tensor, Tensor]:
+              targets_key: str | None = None, modules=None, search: str = "exact", nprobe: int | None = None,
+              candidates: int | None = None) -> tuple[Tensor, Tensor]:
         """The k most similar indexed samples of each query, streamed (no `(Q, N)` matrix).
 
+        Args:
+            xs, kind, targets, targets_key, modules: as in `similarity` (e.g. the top-k under the
+                k^C of some modules only).
+            search: "exact" (every indexed sample compared, streamed over the shards: the
+                reference) or "approximate" (k^C only, all modules: the approximate index of
+                `build_ann` proposes `candidates` samples per query from `nprobe` of its lists, and
+                they are re-ranked by their exact k^C; `netsim.ann`).
+            nprobe, candidates: of the approximate search (defaults: `default_nprobe(nlist)`,
+                max(4 k, 100)); more of either finds more of the exact top k, in more time.
+
         Returns:
-            `(values, indices)`, both `(Q, k)`, by decreasing similarity (k is capped at N).
+            `(values, indices)`, both `(Q, k)`, by decreasing similarity (k is capped at N; an
+            approximate search that finds fewer than k candidates pads with -inf and -1).
         """
         check_positive_int("k", k)
+        check_choice("search", search, SEARCHES)
         k = min(k, len(self))
+        if search == "approximate":
+            if kind != "correlation" or modules is not None:
+                raise ValueError("search='approximate' ranks by the full k^C (kind='correlation', modules=None); "
+                                 "use search='exact' for the other kernels and for some modules only")
+            return self._approximate(self._query_flat(xs, targets, targets_key), k, nprobe, candidates)
         values, indices = [], []
-        for rows, meta, block in self._blocks(xs, targets, targets_key, kind):
+        for rows, meta, block in self._blocks(xs, targets, targets_key, kind, modules):
             if meta["index"] == 0:
                 values.append(block.new_full((rows.stop - rows.start, k), -math.inf))
                 indices.append(torch.full((rows.stop - rows.start, k), -1, dtype=torch.long, device=block.device))
             _merge_top(values[-1], indices[-1], block, meta["start"])
         return torch.cat(values), torch.cat(indices)
 
-    def neighbours(self, k: int = 10, *, kind: str = "correlation", progress: bool = False) -> tuple[Tensor, Tensor]:
+    def neighbours(self, k: int = 10, *, kind: str = "correlation", progress: bool = False, search: str = "exact",
+                   nprobe: int | None = None, candidates: int | None = None) -> tuple[Tensor, Tensor]:
         """The k most similar other indexed samples of every indexed sample (self excluded).
 
-        For the symmetric kinds each pair of shards is compared once (the upper triangle).
+        For the symmetric kinds each pair of shards is compared once (the upper triangle): O(N^2).
+        `search="approximate"` (k^C only) asks the approximate index for each sample instead, as
+        `query` does: O(N nprobe N / nlist).
 
         Returns:
             `(values, indices)`, both `(N, k)`, by decreasing similarity (k capped at N - 1).
         """
         check_choice("kind", kind, KINDS)
         check_positive_int("k", k)
+        check_choice("search", search, SEARCHES)
         k = min(k, len(self) - 1)
         if k < 1:
             raise ValueError("neighbours needs at least two indexed samples")
+        if search == "approximate":
+            if kind != "correlation":
+                raise ValueError("search='approximate' ranks by k^C (kind='correlation')")
+            parts = [self._approximate(ann.flat(self._stored_prepared(self._read(meta))), k, nprobe, candidates,
+                                       exclude=torch.arange(meta["start"], meta["stop"]))
+                     for meta in tqdm(self.manifest["shards"], desc="neighbours (approximate)", unit="shard",
+                                      disable=not progress)]
+            return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
         shards = self.manifest["shards"]
         values = None
         indices = torch.full((len(self), k), -1, dtype=torch.long)
@@ -588,9 +763,78 @@ class SimilarityIndex:
         report = {"n_pairs": int(err.numel()), "median_abs_err": float(err.abs().median()),
                   "p99_abs_err": float(err.abs().quantile(0.99)), "max_abs_err": float(err.abs().max()),
                   "mean_err": float(err.mean()), "seed": seed}
+        if ann.read_meta(self.path) is not None:
+            report.update(self.calibrate_ann(seed=seed))
         self.manifest["calibration"] = report
         store.write_json(self.path / store.MANIFEST, self.manifest)
         return report
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists an approximate query scans by default: 1/32 of them, at least 8 (or all, if fewer)."""
+    return min(nlist, max(8, math.ceil(nlist / 32)))
+
+
+def _check_worker(num_shards, shard_id, process_group) -> bool:
+    """Whether this build is one worker's slice (`num_shards`, `shard_id` checked)."""
+    if num_shards is None and shard_id is None:
+        return False
+    check_positive_int("num_shards", num_shards)
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be an int in [0, num_shards) = [0, {num_shards}), got {shard_id!r}")
+    if process_group is not None:
+        raise ValueError("give process_group (torch.distributed) or num_shards and shard_id (independent workers), "
+                         "not both")
+    return True
+
+
+def _slice_of(worker: int, workers: int, shards: int) -> range:
+    """The shards of worker `worker` of `workers`: the worker-th of `workers` contiguous runs of `shards`."""
+    return range(worker * shards // workers, (worker + 1) * shards // workers)
+
+
+def _missing(root: Path, manifest: dict) -> list[int]:
+    """The shards of a worker-built index not written yet (`manifest["length"]` samples in all)."""
+    done = {m["index"] for m in store.completed_shards(root)}
+    return [s for s in range(math.ceil(manifest["length"] / manifest["settings"]["shard_size"])) if s not in done]
+
+
+def _finalise(root: Path, manifest: dict, length: int | None) -> dict:
+    """The manifest of the completed index (written): every shard present, of the index's settings
+    stamp, covering the `length` samples (None: as far as the shards go) contiguously.
+
+    Raises:
+        ValueError: missing shards (by worker slice when workers wrote them), or a shard stamped
+            with other settings.
+    """
+    metas = store.completed_shards(root)
+    stamp = store.settings_stamp(manifest)
+    workers, size = manifest.get("num_shards"), manifest["settings"]["shard_size"]
+
+    def where(s: int) -> str:
+        samples = f"samples {s * size}-{min(length or math.inf, (s + 1) * size) - 1}"
+        if not workers:
+            return samples
+        count = math.ceil(length / size)
+        worker = next(w for w in range(workers) if s in _slice_of(w, workers, count))
+        return f"{samples}, the slice of worker {worker} (shard_id={worker}) of {workers}"
+
+    for meta in metas:   # shards written before stamps existed carry none
+        if meta.get("stamp") not in (None, stamp):
+            raise ValueError(f"shard {meta['index']} ({where(meta['index'])}) under {root} was written with other "
+                             "settings than the index (another model, output function, parameters or sketch): delete "
+                             f"{store.shard_name(meta['index'])} and build that slice again with the index's settings")
+    if length is not None and (missing := _missing(root, dict(manifest, length=length))):
+        shown = "; ".join(f"shard {s} ({where(s)})" for s in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"the index under {root} misses {len(missing)} shard(s): {shown}. Run (or resume) "
+                         "SimilarityIndex.build for those slices")
+    stops = [m["stop"] for m in metas]
+    if not metas or [m["start"] for m in metas] != [0, *stops[:-1]] or stops[-1] != (length or stops[-1]):
+        raise RuntimeError(f"the shards under {root} do not cover the data contiguously: "
+                           f"{[(m['start'], m['stop']) for m in metas]}")
+    manifest = dict(manifest, shards=metas, count=stops[-1], complete=True)
+    store.write_json(root / store.MANIFEST, manifest)
+    return manifest
 
 
 def _sketch_engine(model: nn.Module, source, output_fn, chunk_size, params):

@@ -45,6 +45,27 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def create_json(path: Path, data: dict) -> bool:
+    """Writes a JSON file only if none exists, atomically (a hard link of a complete file: of several
+    processes creating it at once, exactly one succeeds). Returns whether this call created it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def settings_stamp(manifest: dict) -> str:
+    """What every shard of an index must share: a digest of the settings (model fingerprint,
+    output, parameters, sketch), engine, layout and sketch plan of its manifest."""
+    key = {k: manifest[k] for k in ("settings", "engine", "d", "layout", "sketch_plan")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_manifest(path: Path) -> dict | None:
     file = Path(path) / MANIFEST
     if not file.exists():
@@ -77,8 +98,9 @@ def _arrays(factors: list) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in out.items()}
 
 
-def write_shard(root: Path, index: int, start: int, factors: list) -> dict:
-    """Writes one shard (samples `[start, start + n)`) atomically; returns its meta."""
+def write_shard(root: Path, index: int, start: int, factors: list, stamp: str | None = None) -> dict:
+    """Writes one shard (samples `[start, start + n)`) atomically; returns its meta (with the
+    index's `stamp`, which a merge of shards written by independent workers checks)."""
     final = root / shard_name(index)
     tmp = root / f".{shard_name(index)}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +110,7 @@ def write_shard(root: Path, index: int, start: int, factors: list) -> dict:
         np.save(tmp / f"{key}.npy", array)
         files[f"{key}.npy"] = file_sha256(tmp / f"{key}.npy")
     n = (factors[0].grads if isinstance(factors[0], DenseFactors) else factors[0].delta).shape[0]
-    meta = {"index": index, "start": start, "stop": start + n, "files": files}
+    meta = {"index": index, "start": start, "stop": start + n, "files": files, "stamp": stamp}
     write_json(tmp / "meta.json", meta)
     if final.exists():   # a shard another rank or an earlier attempt completed: keep the first
         shutil.rmtree(tmp)
@@ -107,9 +129,13 @@ def completed_shards(root: Path) -> list[dict]:
     return metas
 
 
-def remove_partial(root: Path) -> None:
-    """Removes the temporary directories and files a killed build left behind."""
+def remove_partial(root: Path, shards=None) -> None:
+    """Removes the temporary directories and files a killed build left behind: all of them, or only
+    those of the shard indices `shards` (the slice of one worker: the others may be writing theirs)."""
+    names = None if shards is None else {shard_name(s) for s in shards}
     for tmp in root.glob(".*.tmp"):
+        if names is not None and tmp.name[1:].split(".")[0] not in names:
+            continue
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 

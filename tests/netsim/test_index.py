@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import netsim
 from conftest import SmallCNN, TinyResNet, TinyTransformer, mlp, token_batch
+from netsim import store
 from netsim.outputs import class_vs_rest
 
 KINDS = ("inner", "influence", "correlation")   # correlation last: the checks after the kinds' loop use it
@@ -313,3 +314,122 @@ def test_build_sharded_over_processes_equals_single_process(tmp_path):
     index = netsim.SimilarityIndex.open(tmp_path / "i", model)
     assert len(index) == 40 and len(index.manifest["shards"]) == 5
     torch.testing.assert_close(index.similarity(xs), netsim.similarity(model, xs, xs))
+
+
+# --- independent workers: num_shards / shard_id ------------------------------------------------
+
+WORKER_SCRIPT = """
+import sys, torch, netsim
+sys.path.insert(0, sys.argv[3])
+from conftest import mlp
+torch.manual_seed(0)
+model = mlp(d_in=3, hidden=16, d_out=2, seed=int(sys.argv[4])).eval()
+xs = torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
+index = netsim.SimilarityIndex.build(model, xs, sys.argv[1], shard_size=8, sketch=16, num_shards=3,
+                                     shard_id=int(sys.argv[2]))
+print("complete" if index is not None else "waiting")
+"""
+
+
+def _worker(path, shard_id, model_seed=0) -> subprocess.Popen:
+    tests = str(Path(__file__).resolve().parents[1])
+    return subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(path), str(shard_id), tests, str(model_seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _worker_setting():
+    model = mlp(d_in=3, hidden=16, d_out=2, seed=0).eval()
+    return model, torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
+
+
+def test_independent_workers_build_the_single_process_index_bit_for_bit(tmp_path):
+    """Three processes started together, each writing its slice: the same shards, byte for byte, as
+    one process; exactly one of them completes the index (the others return None)."""
+    workers = [_worker(tmp_path / "sharded", s) for s in range(3)]
+    outputs = [w.communicate()[0].strip() for w in workers]
+    assert all(w.returncode == 0 for w in workers) and outputs.count("complete") >= 1, outputs
+    model, xs = _worker_setting()
+    single = netsim.SimilarityIndex.build(model, xs, tmp_path / "single", shard_size=8, sketch=16)
+    sharded = netsim.SimilarityIndex.open(tmp_path / "sharded", model)
+    assert len(sharded) == 50 and sharded.manifest["num_shards"] == 3
+    for a, b in zip(single.manifest["shards"], sharded.manifest["shards"]):
+        assert a["files"] == b["files"] and (a["start"], a["stop"]) == (b["start"], b["stop"])
+    assert torch.equal(sharded.similarity(xs), single.similarity(xs))
+
+
+def test_a_missing_slice_is_named_and_a_killed_worker_resumes_its_own(tmp_path, monkeypatch):
+    model, xs = _worker_setting()
+    build = lambda shard_id: netsim.SimilarityIndex.build(  # noqa: E731
+        model, xs, tmp_path, shard_size=8, sketch=16, num_shards=3, shard_id=shard_id)
+    assert build(0) is None and build(2) is None        # 7 shards: worker 0 has 0-1, 1 has 2-3, 2 has 4-6
+    with pytest.raises(ValueError, match=r"misses 2 shard\(s\): shard 2 \(samples 16-23, the slice of worker 1 "
+                                         r"\(shard_id=1\) of 3\); shard 3"):
+        netsim.SimilarityIndex.merge(tmp_path, model)
+    written = []
+    real_write = store.write_shard
+
+    def killed_after_one(*args, **kwargs):   # the worker dies after its first shard
+        if written:
+            raise KeyboardInterrupt
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build(1)
+    monkeypatch.setattr(store, "write_shard", lambda *a, **k: written.append(a[1]) or real_write(*a, **k))
+    index = build(1)                                     # resumes: only shard 3 is written again
+    assert written == [2, 3] and len(index) == 50
+    single = netsim.SimilarityIndex.build(model, xs, tmp_path / "single", shard_size=8, sketch=16)
+    assert torch.equal(index.similarity(xs), single.similarity(xs))
+
+
+def test_slices_of_another_model_or_settings_are_refused_and_named(tmp_path):
+    model, xs = _worker_setting()
+    assert netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=16, num_shards=3, shard_id=0) is None
+    other = _worker(tmp_path, 1, model_seed=5)          # another model: refused before it writes anything
+    err = other.communicate()[1]
+    assert other.returncode != 0 and "the model's parameters or buffers differ" in err
+    with pytest.raises(FileExistsError, match="other settings.*sketch: index 16, now 32"):
+        netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=32, num_shards=3, shard_id=1)
+    with pytest.raises(FileExistsError, match="being built by 3 workers, not 2"):
+        netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=16, num_shards=2, shard_id=1)
+    # a shard that reached the directory from another index (another stamp) is named at the merge
+    build = lambda shard_id: netsim.SimilarityIndex.build(  # noqa: E731
+        model, xs, tmp_path, shard_size=8, sketch=16, num_shards=3, shard_id=shard_id)
+    assert build(1) is None and build(2) is not None      # the last slice completes the index
+    meta_file = tmp_path / store.shard_name(3) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, stamp="0" * 16)))
+    manifest = json.loads((tmp_path / store.MANIFEST).read_text())
+    (tmp_path / store.MANIFEST).write_text(json.dumps(dict(manifest, complete=False)))
+    with pytest.raises(ValueError, match=r"shard 3 \(samples 24-31, the slice of worker 1 \(shard_id=1\) of 3\).*"
+                                         "other settings"):
+        netsim.SimilarityIndex.open(tmp_path, model)
+
+
+@pytest.mark.parametrize("num_shards, shard_id, match", [(0, 0, "num_shards"), (2, 2, r"shard_id must be an int in "
+                                                                                      r"\[0, num_shards\)"),
+                                                        (2, None, "shard_id"), (None, 1, "num_shards")])
+def test_bad_worker_options_are_refused(tmp_path, num_shards, shard_id, match):
+    model, xs = _worker_setting()
+    with pytest.raises((ValueError, TypeError), match=match):
+        netsim.SimilarityIndex.build(model, xs, tmp_path, num_shards=num_shards, shard_id=shard_id)
+    assert not tmp_path.joinpath(store.MANIFEST).exists()
+
+
+# --- per-module queries ---------------------------------------------------------------------------
+
+def test_queries_of_some_modules_equal_the_kernel_of_their_parameters_alone(tmp_path):
+    """query(modules=[...]) on an exact index = the similarity with only those modules' parameters."""
+    model, xs = CASES["mlp"]
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=16)
+    queries = xs[:5]
+    for modules in (["2"], ["0", "4"]):
+        expected = netsim.similarity(model, queries, xs, params=[f"{m}.*" for m in modules])
+        torch.testing.assert_close(index.similarity(queries, modules=modules), expected, rtol=1e-5, atol=1e-6)
+        values, ids = index.query(queries, k=4, modules=modules)
+        torch.testing.assert_close(values, expected.topk(4, 1).values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(index.similarity(queries, modules=["0", "2", "4"]), index.similarity(queries))
+    with pytest.raises(ValueError, match=r"\['9'\] are not among them: \['0', '2', '4'\]"):
+        index.query(queries, modules=["9"])

@@ -25,9 +25,10 @@ def test_import_netsim_loads_no_reproduction_or_plotting_module():
     assert "netsim.kernel" in loaded  # the probe really imported the library
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, module_level: bool = False) -> set[str]:
     modules = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body if module_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -35,11 +36,20 @@ def _imports(path: Path) -> set[str]:
     return modules
 
 
+#: Optional integrations (extras of the library): the one module that may use each, inside a function
+#: (imported when asked for, never when netsim is).
+OPTIONAL = {"faiss": "ann.py"}
+
+
 def test_no_library_module_imports_outside_torch_numpy_tqdm_and_the_standard_library():
     allowed_third_party = {"torch", "numpy", "tqdm", "netsim"}
     for path in sorted(LIBRARY.rglob("*.py")):
+        top_level = {m.split(".")[0] for m in _imports(path, module_level=True)}
         for module in _imports(path):
             top = module.split(".")[0]
+            if OPTIONAL.get(top) == path.name:
+                assert top not in top_level, f"{path.name} imports the optional {top} when netsim is imported"
+                continue
             assert top in allowed_third_party or top in sys.stdlib_module_names, f"{path.name} imports {module}"
 
 

@@ -2,8 +2,8 @@
 directories.
 
 Each experiment's settings are a frozen dataclass beside the experiment
-(`sinusoid/config.py`, `mnist/config.py`, `registration/config.py`, `audit/config.py`) with a `SMOKE` and a
-`PAPER` instance. Each notebook's `parameters` cell holds only `profile` and `seed`;
+(`sinusoid/config.py`, `mnist/config.py`, `registration/config.py`, `audit/config.py`, `hf/config.py`)
+with a `SMOKE` and a `PAPER` instance. Each notebook's `parameters` cell holds only `profile` and `seed`;
 everything else it needs comes from here::
 
     >>> import dataclasses
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit.config import DataAuditConfig
+from .hf.config import HuggingFaceConfig
 from .mnist.config import MnistSpeedupConfig
 from .registration.config import NeighborPatchesConfig, RegistrationConfig, SimilarityHistogramsConfig
 from .sinusoid.config import KernelTourConfig, SinusoidConfig
@@ -48,6 +49,7 @@ EXPERIMENTS: dict[str, type] = {
     "neighbor_patches": NeighborPatchesConfig,
     "similarity_histograms": SimilarityHistogramsConfig,
     "data_audit": DataAuditConfig,
+    "huggingface": HuggingFaceConfig,
 }
 
 

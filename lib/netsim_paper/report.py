@@ -18,7 +18,8 @@ and `python -m netsim_paper.report update-readme` (run by `run_all.sh`) rebuilds
   and `<!-- performance:end -->`, from `bench/results.json`, and the full table in
   `bench/RESULTS.md`;
 - the SimilarityIndex goals between `<!-- index:start -->` and `<!-- index:end -->`, from
-  `bench/index_results.json`.
+  `bench/index_results.json` and `bench/hf_index_results.json`; its scale table between
+  `<!-- index-scale:start -->` and `<!-- index-scale:end -->`, from `bench/index_scale_results.json`.
 
 The numbers in the README are therefore never typed by hand.
 """
@@ -45,6 +46,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 #: Optional README section filled from bench/results.json (`python bench/run.py`).
 PERF_START, PERF_END = "<!-- performance:start -->", "<!-- performance:end -->"
 INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
+SCALE_START, SCALE_END = "<!-- index-scale:start -->", "<!-- index-scale:end -->"
 #: Optional README line filled from the x1.5-noise control of figures/01_alignment_cdf.json.
 REGIME_START, REGIME_END = "<!-- regime:start -->", "<!-- regime:end -->"
 #: Where `./run_all.sh` publishes the executed notebooks, relative to the README.
@@ -66,6 +68,8 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "06_data_audit": ("flipped-label AUROC [95%] / precision@2500, k^C neighbours",
                       "flipped-label AUROC [95%] / precision@2500, training loss",
                       "misclassified-test-image AUROC, low N_S", "misclassified-test-image AUROC, low max-softmax"),
+    "07_huggingface": ("ViT on MNIST: test accuracy", "GPT-2 on Python docs: test perplexity",
+                       "GPT-2: nearest training window from the query's document"),
 }
 
 
@@ -378,10 +382,29 @@ def _ours_versus_best_other(rows: list[Mapping[str, Any]], task: str) -> str:
     return f"{cell}; none of the {len(others)} others ran ({', '.join(why) or 'skipped'})"
 
 
+def _goal_summary(res: Mapping[str, Any]) -> list[str]:
+    """The README's line on the goals: how many are met, each missed one with its measurement (the
+    table of every goal is in `bench/RESULTS.md`)."""
+    goals = res.get("goals") or []
+    if not goals:
+        return []
+    missed = [g for g in goals if not g.get("met")]
+    line = (f"**Goals: {len(goals) - len(missed)} of {len(goals)} met** (each with its note: "
+            "[`bench/RESULTS.md`](bench/RESULTS.md)).")
+    if missed:
+        line += " Missed: " + "; ".join(f"{_cell(g.get('goal'))}: {_measured(g.get('measured'))}" for g in missed) + "."
+    return [line]
+
+
+def _measured(value) -> str:
+    return "not measured" if value is None else f"{value:.3g}"
+
+
 def performance_summary_markdown(results_json_path: Path | str) -> str:
-    """The README's performance section from a `bench/results.json`: the goals table, then one
-    row per bench model at the largest N where our soft density ran, our faster engine against
-    the fastest other method (baseline or peer) for the soft density and the N x N similarity."""
+    """The README's performance section from a `bench/results.json`: how many goals are met (and the
+    missed ones), then one row per bench model at the largest N where our soft density ran, our
+    faster engine against the fastest other method (baseline or peer) for the soft density and the
+    N x N similarity."""
     res = json.loads(Path(results_json_path).read_text(encoding="utf-8"))
     results = res.get("results", [])
     table = []
@@ -395,7 +418,7 @@ def performance_summary_markdown(results_json_path: Path | str) -> str:
         params = f" ({info['params']:,} params)" if isinstance(info, Mapping) and info.get("params") else ""
         table.append(f"| {_cell(model)}{params} | {n} | {_ours_versus_best_other(rows, 'soft_density')} "
                      f"| {_ours_versus_best_other(rows, 'similarity')} |")
-    lines = _goal_lines(res)
+    lines = _goal_summary(res)
     if table:
         lines += ["", "| Model | N | Soft density: ours vs the fastest other "
                       "| Similarity N × N: ours vs the fastest other |", "| --- | --- | --- | --- |", *table]
@@ -404,10 +427,12 @@ def performance_summary_markdown(results_json_path: Path | str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def index_summary_markdown(index_json_path: Path | str) -> str:
+def index_summary_markdown(index_json_path: Path | str, hf_json_path: Path | str | None = None) -> str:
     """The README's SimilarityIndex section from a `bench/index_results.json` (`bench/index.py`): its
-    goals, the exact index's size, and the sketch's accuracy against exact k^C per sketch size."""
+    goals, the exact index's size, and the sketch's accuracy against exact k^C per sketch size; with
+    `hf_json_path` (`bench/hf_index_results.json`, `bench/hf_index.py`) the language model's too."""
     res = json.loads(Path(index_json_path).read_text(encoding="utf-8"))
+    hf = json.loads(Path(hf_json_path).read_text(encoding="utf-8")) if hf_json_path else None
     n, k = res["n"], res["default_sketch"]
     default = next(a for a in res["accuracy"] if a["k"] == k)
     scale = 50000 / n   # the disk goal is stated for the 50k index
@@ -423,26 +448,126 @@ def index_summary_markdown(index_json_path: Path | str) -> str:
         (f"disk of the 50k index at sketch {k}" + ("" if n == 50000 else f" (scaled from {n:,})"),
          f"{res['disk_d1_bytes'] * scale / 1e6:.0f} MB", "≤ 1 GB", res["disk_d1_bytes"] * scale <= 1e9),
     ]
+    if hf is not None:
+        goals += _hf_index_goals(hf)
     lines = ["| Goal | Measured | Target | Met |", "| --- | --- | --- | --- |"]
     lines += [f"| {g} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
-    accuracy = "; ".join(f"{a['k']}: {a['recall_at_10']:.2f} / {a['median_abs_err']:.3f} / {a['p99_abs_err']:.3f}"
-                         for a in res["accuracy"])
+    accuracy = _sketch_accuracy(res["accuracy"])
     lines += ["", f"The exact index would take {res['disk_exact_d1_bytes_projected'] * scale / 1e9:.1f} GB for "
                   f"50k images ({res['values_per_sample_exact']:,} values per sample, against "
                   f"{res['values_per_sample_sketch']:,} sketched). Sketch size: recall@10 / median / 99th percentile "
-                  rf"of \|k^C error\| — {accuracy} ([plot](bench/index_sketch.png)).",
-              "", f"<sub>generated from `bench/index_results.json` (`bench/index.py`: the authors' MNIST CNN trained "
-                  f"one pass over {n:,} real training images, test accuracy {res['test_accuracy_200']:.1%} on 200 "
-                  f"test images; CPU seconds, 1 thread; epoch {res['epoch_s']:.0f} s)</sub>"]
+                  rf"of \|k^C error\| — {accuracy} ([plot](bench/index_sketch.png))."]
+    source = (f"`bench/index_results.json` (`bench/index.py`: the authors' MNIST CNN trained one pass over {n:,} real "
+              f"training images, test accuracy {res['test_accuracy_200']:.1%} on 200 test images; epoch "
+              f"{res['epoch_s']:.0f} s)")
+    if hf is not None:
+        plain = "; ".join(f"{a['k']}: {a['plain_count_sketch']['recall_at_10']:.2f}" for a in hf["accuracy"])
+        lines += ["", rf"The language model's sketch: recall@10 / median / 99th percentile of \|k^C error\| — "
+                      f"{_sketch_accuracy(hf['accuracy'])}; recall@10 of a plain count sketch of the formed gradients "
+                      f"at the same sizes: {plain} ([plot](bench/hf_index_sketch.png))."]
+        source += (f" and `bench/hf_index_results.json` (`bench/hf_index.py`: a GPT-2 language model, "
+                   f"{hf['params'] / 1e6:.1f}M parameters, trained here on {hf['setting']['n']:,} windows of "
+                   f"{hf['setting']['length']} tokens of the Python documentation; epoch {hf['epoch_s']:.0f} s)")
+    lines += ["", f"<sub>generated from {source}; CPU seconds, 1 thread</sub>"]
     return "\n".join(lines) + "\n"
 
 
+def index_scale_markdown(path: Path | str) -> str:
+    """The README's table of the index against N (`bench/index_scale.py`): build and sizes, the exact
+    and the approximate top-10 query (at the default nprobe, and the smallest nprobe with recall >=
+    0.95), and a projection to 100M samples from the measured slopes (the exact search grows as N,
+    the approximate one as measured between the two largest N)."""
+    res = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = res["sizes"]
+    lines = ["| N | build × epoch | approximate index: build × epoch | disk: index / approximate | exact query "
+             "| approximate query, default nprobe: time, recall@10 | smallest nprobe with recall@10 ≥ 0.95 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        default = next((a for a in r["approximate"] if a["nprobe"] == r["default_nprobe"]), None)
+        good = next((a for a in r["approximate"] if a["recall_at_10"] >= 0.95), None)
+        lines.append(
+            f"| {r['n']:,} | {r['build_s'] / r['epoch_s']:.2f} | {r['ann_build_s'] / r['epoch_s']:.2f} | "
+            f"{r['index_bytes'] / 2**30:.2f} / {r['ann_bytes'] / 2**30:.2f} GiB | {r['exact_query_ms']:.0f} ms | "
+            + (f"{default['query_ms']:.1f} ms, {default['recall_at_10']:.3f} (nprobe {default['nprobe']} of "
+               f"{r['nlist']})" if default else "—") + " | "
+            + (f"{good['nprobe']}: {good['query_ms']:.1f} ms, {good['recall_at_10']:.3f}" if good else "none measured")
+            + " |")
+    if len(rows) >= 2:
+        a, b = rows[-2], rows[-1]
+        growth = math.log(b["n"] / a["n"])
+        at = {r["n"]: next((x for x in r["approximate"] if x["nprobe"] == r["default_nprobe"]), None) for r in (a, b)}
+        target = 100_000_000
+        scale = target / b["n"]
+        line = (f"Projection to {target / 1e6:.0f}M samples from the slopes between {a['n']:,} and {b['n']:,}: "
+                f"index {b['index_bytes'] * scale / 2**30:.0f} GiB and approximate index "
+                f"{b['ann_bytes'] * scale / 2**30:.0f} GiB on disk (linear), build {b['build_s'] * scale / 3600:.0f} "
+                f"CPU hours (linear: {b['build_s'] * scale / 3600 / 64:.1f} h on 64 workers with `num_shards`); "
+                f"the exact query {b['exact_query_ms'] * scale / 1000:.0f} s (linear)")
+        if at[a["n"]] and at[b["n"]]:
+            slope = math.log(at[b["n"]]["query_ms"] / at[a["n"]]["query_ms"]) / growth
+            line += (f", the approximate one {at[b['n']]['query_ms'] * scale ** slope:.0f} ms (N^{slope:.2f}, "
+                     "as measured; its memory would be split over machines, each searching its shards' lists)")
+        lines += ["", line + "."]
+    lines += ["", f"<sub>generated from `bench/index_scale_results.json` (`bench/index_scale.py`: {res['data']}; the "
+                  f"authors' MNIST CNN, `class_vs_rest`, sketch {res['sketch']}; 100 test-image queries; CPU time, "
+                  f"1 thread, the query's own sketch included; epoch {res['epoch_50k_s']:.0f} s per 50k)</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def _sketch_accuracy(rows: list) -> str:
+    return "; ".join(f"{a['k']}: {a['recall_at_10']:.2f} / {a['median_abs_err']:.3f} / {a['p99_abs_err']:.3f}"
+                     for a in rows)
+
+
+def _hf_index_goals(hf: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """The language model's index goals (`bench/hf_index.py`): build cost, recall, peak memory."""
+    k = 1024
+    default = next(a for a in hf["accuracy"] if a["k"] == k)
+    budget = hf["memory_budget_bytes"]
+    peak = hf["build"]["peak_extra_mb"] * 2**20
+    model = f"GPT-2 LM ({hf['params'] / 1e6:.1f}M parameters, {hf['setting']['n']:,} windows)"
+    return [
+        (f"{model}: build, sketch {k}, × epoch", f"{hf['build_x_epoch']:.2f}", "≤ 3", hf["build_x_epoch"] <= 3),
+        (f"{model}: top-10 recall vs exact k^C at sketch {k} ({hf['setting']['pool']:,}-window pool, 100 test "
+         "windows)", f"{default['recall_at_10']:.3f}", "≥ 0.9", default["recall_at_10"] >= 0.9),
+        (f"{model}: peak memory of the build (the dense gradients of one chunk: "
+         f"{hf['dense_chunk_bytes'] / 2**30:.1f} GiB)", f"{peak / 2**30:.2f} GiB",
+         f"≤ budget {budget / 2**30:.1f} GiB", peak <= budget),
+    ]
+
+
 def results_page_markdown(results_json_path: Path | str) -> str:
-    """`bench/RESULTS.md`: a title, where it comes from, then `performance_markdown`."""
-    return ("# Benchmark results\n\n"
+    """`bench/RESULTS.md`: a title, where it comes from, then `performance_markdown`, and the memory
+    budget's curve (`memory_budget_markdown`) when `memory_budget_results.json` lies beside it."""
+    page = ("# Benchmark results\n\n"
             "Generated from `results.json` by `python -m netsim_paper.report update-readme` (run by "
             "`./run_all.sh`); never edited by hand. What is measured and how: [README.md](README.md).\n\n"
             + performance_markdown(results_json_path))
+    curve = Path(results_json_path).with_name("memory_budget_results.json")
+    return page + ("\n" + memory_budget_markdown(curve) if curve.is_file() else "")
+
+
+def memory_budget_markdown(path: Path | str) -> str:
+    """The time and peak memory of the streaming functions against `memory_budget`
+    (`bench/memory_budget.py`): one row per task, one column per budget."""
+    res = json.loads(Path(path).read_text(encoding="utf-8"))
+    budgets = sorted({r["budget_bytes"] for r in res["rows"]})
+    lines = ["## Memory budget", "",
+             f"CPU seconds / peak MB above the call's start, against `memory_budget` (`bench/memory_budget.py`, "
+             f"{res.get('date', '?')}, {_cell(res.get('machine'))}, 1 thread; the default is "
+             f"{res['default_budget_bytes'] / 2**20:.0f} MiB):", "",
+             "| Task | N | " + " | ".join(f"{b / 2**20:.0f} MiB" for b in budgets) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in budgets) + " |"]
+    tasks = list(dict.fromkeys((r["model"], r["n"], r["task"]) for r in res["rows"]))
+    for model, n, task in tasks:
+        cells = []
+        for b in budgets:
+            row = next((r for r in res["rows"] if (r["model"], r["n"], r["task"], r["budget_bytes"]) ==
+                        (model, n, task, b)), None)
+            cells.append("—" if row is None else _cell(row["error"]) if "error" in row else
+                         f"{row['seconds']:.3g} s / {row['peak_extra_mb']:.0f} MB")
+        lines.append(f"| {task} ({_cell(model)}) | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def performance_markdown(results_json_path: Path | str) -> str:
@@ -524,7 +649,7 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
       `performance_summary_markdown`, and `RESULTS.md` beside the results file
       (`results_page_markdown`). Otherwise those are left alone.
     - When `index_results.json` exists beside them: between the index markers (if present)
-      `index_summary_markdown`.
+      `index_summary_markdown`, with `hf_index_results.json` when it exists too.
 
     Args:
         readme: defaults to `<repo>/README.md`.
@@ -551,9 +676,14 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
         if _has_markers(new, PERF_START, PERF_END):
             new = _fill(new, PERF_START, PERF_END, performance_summary_markdown(bench_results))
         _write_if_changed(bench_results.with_name("RESULTS.md"), results_page_markdown(bench_results))
-    index_results = bench_results.with_name("index_results.json")
+    index_results, hf_results = bench_results.with_name("index_results.json"), bench_results.with_name(
+        "hf_index_results.json")
     if index_results.is_file() and _has_markers(new, INDEX_START, INDEX_END):
-        new = _fill(new, INDEX_START, INDEX_END, index_summary_markdown(index_results))
+        new = _fill(new, INDEX_START, INDEX_END, index_summary_markdown(
+            index_results, hf_results if hf_results.is_file() else None))
+    scale_results = bench_results.with_name("index_scale_results.json")
+    if scale_results.is_file() and _has_markers(new, SCALE_START, SCALE_END):
+        new = _fill(new, SCALE_START, SCALE_END, index_scale_markdown(scale_results))
     if new != text:
         _atomic_write_text(readme, new)
     return readme

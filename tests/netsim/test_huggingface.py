@@ -229,16 +229,17 @@ def test_a_sketched_index_never_forms_a_token_maps_gradient(references, tmp_path
 
 def test_readme_example_runs():
     """The README's Hugging Face example, as written there."""
-    from transformers import BertConfig, BertForSequenceClassification
+    import re
+    from pathlib import Path
 
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        num_labels=2)).eval()
-    batch = {"input_ids": torch.randint(5, 1000, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
-    batch["attention_mask"][:4, 9:] = 0                     # the first four are shorter: padded
-    k = netsim.similarity(model, batch, output_fn=netsim.outputs.logits)           # (8, 8) k^C
-    density = netsim.soft_density(model, batch, output_fn=netsim.outputs.logits)   # (8,) soft neighbour counts
-    assert k.shape == (8, 8) and density.shape == (8,) and bool((k.diagonal() == 1).all())
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- readme-hf-example:start -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its Hugging Face example markers"
+    names = {}
+    exec(compile(block.group(1), "README.md Hugging Face example", "exec"), names)
+    assert names["k"].shape == (8, 8) and bool((names["k"].diagonal() == 1).all())
+    assert names["density"].shape == (8,) and names["nearest"].shape == (8, 3)
+    assert (names["nearest"][:, 0] == torch.arange(8)).all()      # each sequence is its own nearest
 
 
 # --- bad input: a clear error that says what to do ---------------------------------------------

@@ -277,12 +277,10 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     if same:
         reference = queries
     if process_group is not None:   # every rank must add up the same representation
-        method = shared_method(model, queries, output_fn, chunk_size, method, params, process_group)
-    engine = engine_for_data(model, queries, output_fn, chunk_size, method, params)
-    # The layer-wise engine keeps maps shared by token positions as their per-token factors here: the
-    # sums and dot products need no per-sample gradient of theirs (BERT, N = 4096: 2.6-2.9x an epoch,
-    # 5.6x with its dense gradients).
-    engine.tokens, engine.saw_tokens = engine.name == "layerwise", False
+        method = shared_method(model, queries, output_fn, chunk_size, method, params, process_group,
+                               choose=_density_engine)
+    engine = _density_engine(model, queries, output_fn, chunk_size, method, params)
+    engine.saw_tokens = False
     n_queries = queries.length
     if process_group is not None:
         if queries.length is None or reference.length is None:
@@ -358,6 +356,23 @@ def _chunks(engine, source: Source):
             engine.saw_tokens |= any(isinstance(f, (TokenFactors, TokenSum)) for f in rep)
             rep = [f.dense() if isinstance(f, TokenSum) else f for f in rep]
         yield start, rep
+
+
+def _density_engine(model: nn.Module, source: Source, output_fn, chunk_size: int | None, method: str,
+                    params: ParamSpec):
+    """`soft_density`'s engine. The layer-wise one keeps maps shared by token positions as their
+    per-token factors here, so their sums and dot products need no per-sample gradient: `auto`
+    takes it wherever its rules run and the model has such maps (its timing of a kernel's work
+    would not tell; N = 4096, 1 thread: BERT 2.6x an epoch, 5.6x with dense gradients; the bench
+    transformer 2.2x, 5.3x on the Jacobian engine), else measures as the kernels do."""
+    if method == "auto":
+        engine = engine_for_data(model, source, output_fn, chunk_size, method, params, measure=False)
+        engine.tokens = engine.name == "layerwise"
+        if engine.name != "layerwise" or engine.has_tokens:
+            return engine
+    engine = engine_for_data(model, source, output_fn, chunk_size, method, params)
+    engine.tokens = engine.name == "layerwise"
+    return engine
 
 
 def _normalised_sums(engine, source: Source, rtol, on_zero: str, offset: int, normalisers: list | None = None,

@@ -178,7 +178,7 @@ class LayerwiseEngine:
         self.sample_bytes = self.nbytes(probe) if probe else 0
         self._chunk_size = chunk_size
         self.chunk = chunk_size or self._chunk_for(self.sample_bytes, self.chunk_bytes)
-        self._tokens = False
+        self._tokens = self.has_tokens = False   # has_tokens: token mode found token maps in the probe
 
     @staticmethod
     def _chunk_for(sample_bytes: int, target: int) -> int:
@@ -193,16 +193,17 @@ class LayerwiseEngine:
 
     @tokens.setter
     def tokens(self, value: bool) -> None:
-        self._tokens = bool(value)
-        if self._chunk_size is not None or self._probe_inputs is None:
-            return
-        self.chunk = self._chunk_for(self.sample_bytes, self.chunk_bytes)
-        if self._tokens:
+        self._tokens, self.has_tokens = bool(value), False
+        token_bytes = None
+        if self._tokens and self._probe_inputs is not None:
             inputs, targets = self._probe_inputs
             probe, _ = layerwise.factorise_layout(self.model, inputs, self.output_fn, targets, copy=self.copy_records,
                                                   params=self.params, tokens=True)
-            if any(isinstance(f, (layerwise.TokenFactors, layerwise.TokenSum)) for f in probe):
-                self.chunk = self._chunk_for(self.nbytes(probe), self.token_chunk_bytes)
+            self.has_tokens = any(isinstance(f, (layerwise.TokenFactors, layerwise.TokenSum)) for f in probe)
+            token_bytes = self.nbytes(probe) if self.has_tokens else None
+        if self._chunk_size is None:
+            self.chunk = (self._chunk_for(self.sample_bytes, self.chunk_bytes) if token_bytes is None else
+                          self._chunk_for(token_bytes, self.token_chunk_bytes))
 
     def chunks(self, inputs: Inputs, targets: Tensor | None = None) -> Iterator[tuple[int, list]]:
         for start in range(0, input_rows(inputs), self.chunk):
@@ -230,7 +231,9 @@ class LayerwiseEngine:
 
     @staticmethod
     def nbytes(rep: list) -> int:
-        return sum(t.numel() * t.element_size() for t in layerwise.entry_tensors(rep))
+        # a tensor held by several entries counts once (the input shared by attention's q, k and v maps)
+        unique = {(t.data_ptr(), t.shape, t.stride()): t for t in layerwise.entry_tensors(rep)}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     @staticmethod
     def shape(rep: list) -> tuple[int, int]:
@@ -305,7 +308,7 @@ def check_engine_options(model: nn.Module, *, method: str, chunk_size: int | Non
 
 def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = None,
                targets: Tensor | None = None, chunk_size: int | None = None, method: str = "auto",
-               clock: Callable[[], float] = time.perf_counter, params: ParamSpec = None):
+               clock: Callable[[], float] = time.perf_counter, params: ParamSpec = None, measure: bool = True):
     """The engine to use for this model: the faster exact one (auto, measured), or as asked.
 
     A probe factorises the first sample (a forward and d backward passes on it), after the
@@ -314,7 +317,9 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
     and its self gram, by `clock`, each after an untimed warm-up) and keeps the faster; the
     choice is cached per model structure (module types, parameter names, shapes and
     trainability, d, sample shape, dtype, device and chunk size), so later calls on the same
-    kind of model do not measure again.
+    kind of model do not measure again. With `measure=False`, `auto` takes the layer-wise engine
+    wherever its rules run, for the consumers that gain from its per-layer factors whatever a
+    kernel's timing says (sketches, soft density's sums over token maps).
 
     `auto` survives an engine failing at any point of its probe: an engine that raises (the
     layer-wise rules refusing the model, `UnsupportedModel`, silently; any other error with a
@@ -349,6 +354,8 @@ def engine_for(model: nn.Module, inputs: Inputs, output_fn: OutputFn | None = No
         left_out("layerwise", error)
         return jacobian
     engine = LayerwiseEngine(model, output_fn, chunk_size, probe, copy, params, sample)
+    if not measure:
+        return engine
     d, itemsize = LayerwiseEngine.shape(probe)[1], layerwise.entry_tensors(probe)[0].element_size()
     key = (_structure_key(model, inputs, targets, chunk_size, d), tuple(trainable_parameters(model, params)))
     with _AUTO_LOCK:

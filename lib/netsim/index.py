@@ -47,7 +47,7 @@ from .by_module import jacobian_layout, layerwise_layout, module_of, parameter_m
 from .checks import check_choice, check_data, check_model, check_positive_int, model_device
 from .data import as_source
 from .density import soft_normaliser
-from .engine import LayerwiseEngine, check_engine_options, left_out
+from .engine import LayerwiseEngine, check_engine_options
 from .grads import OutputFn, trainable_parameters
 from .kernel import (
     KINDS,
@@ -257,8 +257,7 @@ class SimilarityIndex:
     @classmethod
     def _new_manifest(cls, model, source, settings, output_fn, chunk_size, method, params) -> dict:
         sketched = settings["sketch"] is not None
-        engine = _sketch_engine(model, source, output_fn, chunk_size, params) if sketched and method == "auto" \
-            else engine_for_data(model, source, output_fn, chunk_size, method, params)
+        engine = engine_for_data(model, source, output_fn, chunk_size, method, params, measure=not sketched)
         d = data_output_dim(model, source, output_fn)
         inputs, targets = source.first(engine.chunk)
         engine.tokens = sketched
@@ -835,17 +834,6 @@ def _finalise(root: Path, manifest: dict, length: int | None) -> dict:
     manifest = dict(manifest, shards=metas, count=stops[-1], complete=True)
     store.write_json(root / store.MANIFEST, manifest)
     return manifest
-
-
-def _sketch_engine(model: nn.Module, source, output_fn, chunk_size, params):
-    """The engine of a sketched build with `method="auto"`: the layer-wise one wherever its rules take
-    the model (it projects per-layer factors, and token maps per token, so no p-long gradient is
-    ever formed), else the Jacobian one."""
-    try:
-        return engine_for_data(model, source, output_fn, chunk_size, "layerwise", params)
-    except Exception as error:  # noqa: BLE001 -- as auto: any engine failure, and it goes on without it
-        left_out("layerwise", error)
-        return engine_for_data(model, source, output_fn, chunk_size, "jacobian", params)
 
 
 def _values_per_sample(rep: Rep) -> int:

@@ -341,14 +341,14 @@ def _transpose_block(block: Tensor, reduce: str) -> Tensor:
 
 
 def engine_for_data(model: nn.Module, source: Source, output_fn: OutputFn | None, chunk_size: int | None,
-                    method: str, params: ParamSpec = None):
+                    method: str, params: ParamSpec = None, *, measure: bool = True):
     """`engine.engine_for` probed on `source`: the whole tensor for a tensor (as `engine_for` is
     called on tensors), else its first `AUTO_PROBE_SAMPLES` samples."""
     if isinstance(source, TensorSource):
         inputs, targets = source.data, source.targets
     else:
         inputs, targets = source.first(AUTO_PROBE_SAMPLES)
-    return engine_for(model, inputs, output_fn, targets, chunk_size, method, params=params)
+    return engine_for(model, inputs, output_fn, targets, chunk_size, method, params=params, measure=measure)
 
 
 def data_output_dim(model: nn.Module, source: Source, output_fn: OutputFn | None) -> int:
@@ -615,12 +615,14 @@ def place_block(out: Tensor, rows: slice, cols: slice, block: Tensor, mirrored: 
         out[cols, rows] = _transpose_block(block, reduce)
 
 
-def shared_method(model, source: Source, output_fn, chunk_size, method: str, params, group) -> str:
+def shared_method(model, source: Source, output_fn, chunk_size, method: str, params, group,
+                  choose=None) -> str:
     """The engine every rank of `group` uses: `method`, or for "auto" the one rank 0 measured
-    (each rank timing its own could pick differently, and then their partial sums differ)."""
+    (each rank timing its own could pick differently, and then their partial sums differ);
+    `choose` (default `engine_for_data`) picks it."""
     if method != "auto":
         return method
-    name = engine_for_data(model, source, output_fn, chunk_size, method, params).name
+    name = (choose or engine_for_data)(model, source, output_fn, chunk_size, method, params).name
     return rank0_choice(name, METHODS[1:], group, model_device(model))   # the engines, without "auto"
 
 

@@ -172,3 +172,25 @@ def test_soft_neighbour_counts_honour_the_engine_options():
     counts = netsim.neighbour_counts(model, xs, estimator="soft", on_zero="zero", method="jacobian")
     assert counts[1] == 0 and torch.isfinite(counts).all()
     torch.testing.assert_close(counts, netsim.similarity(model, xs, on_zero="zero").sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_sums_token_maps_layerwise_whatever_the_kernel_timing(monkeypatch):
+    """A kernel's timing does not tell soft density's cost: with token maps the layer-wise engine sums their
+    per-token factors (the Jacobian engine forms each sample's gradient), so auto takes it there even when
+    the timing picks the Jacobian engine; without token maps the timing decides."""
+    from conftest import TinyTransformer, token_batch
+    from netsim import engine as engine_module
+    from netsim.engine import JacobianEngine
+
+    def refused(self, inputs, targets=None):
+        raise AssertionError("the Jacobian engine ran")
+        yield
+
+    monkeypatch.setattr(engine_module, "_AUTO_CHOICES", type(engine_module._AUTO_CHOICES)())
+    monkeypatch.setattr(engine_module, "_faster", lambda engines, *args: "jacobian")
+    monkeypatch.setattr(JacobianEngine, "chunks", refused)
+    model, xs = TinyTransformer().eval(), token_batch(12)
+    expected = netsim.soft_density(model, xs, method="layerwise")
+    torch.testing.assert_close(netsim.soft_density(model, xs), expected, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="the Jacobian engine ran"):
+        netsim.soft_density(mlp(), torch.randn(8, 3))

@@ -68,8 +68,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "06_data_audit": ("flipped-label AUROC [95%] / precision@2500, k^C neighbours",
                       "flipped-label AUROC [95%] / precision@2500, training loss",
                       "misclassified-test-image AUROC, low N_S", "misclassified-test-image AUROC, low max-softmax"),
-    "07_huggingface": ("ViT on MNIST: test accuracy", "GPT-2 on Python docs: test perplexity",
-                       "GPT-2: nearest training window from the query's document"),
+    "07_huggingface": ("ViT on MNIST: test accuracy", "GPT-2: nearest training window from the query's document"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -556,3 +557,28 @@ def test_grads_check_accepts_float32_rounding_and_flags_a_wrong_g():
     assert not wrong["ok"] and wrong["max_rel_err"] == pytest.approx(0.01, rel=1e-3)
     row = baselines.attach_check({"status": "ok"}, wrong)
     assert row["status"].startswith("mismatch: differs from netsim.per_sample_grads")
+
+
+def _scale_row(n: int, query_ms: float, recall: float) -> dict:
+    return {"n": n, "epoch_s": n / 1000, "build_s": n / 500, "index_bytes": 4200 * n, "ann_build_s": n / 4000,
+            "ann_bytes": 1100 * n, "nlist": 4000, "exact_query_ms": n / 10_000, "default_nprobe": 125,
+            "approximate": [{"nprobe": 8, "query_ms": query_ms / 2, "recall_at_10": 0.9},
+                            {"nprobe": 125, "query_ms": query_ms, "recall_at_10": recall}]}
+
+
+def test_index_scale_table_reads_the_goals_at_a_million_and_projects_the_slopes(tmp_path):
+    path = tmp_path / "index_scale_results.json"
+    res = {"sizes": [_scale_row(200_000, 10.0, 0.99), _scale_row(1_000_000, 60.0, 0.97)], "data": "d", "sketch": 1024,
+           "epoch_50k_s": 50.0}
+    path.write_text(json.dumps(res))
+    md = report.index_scale_markdown(path)
+    assert md.startswith("**Goals at 1,000,000 samples: 3 of 4 met**: approximate query 60.0 ms (≤ 50 ms, missed); "
+                         "its recall@10 0.970 (≥ 0.95);")
+    assert "| 1,000,000 | 2.00 | 0.25 |" in md and "60.0 ms, 0.970 (nprobe 125 of 4000)" in md
+    assert "| 200,000 |" in md and "8: 5.0 ms" not in md   # nprobe 8's recall 0.9 < 0.95: not the smallest good one
+    assert "the exact query 10 s (linear)" in md            # 100 ms x 100
+    # query time 10 -> 60 ms over 5x N: N^1.11, projected over 100x more samples
+    assert f"the approximate one {60 * 100 ** (math.log(6) / math.log(5)):.0f} ms (N^1.11" in md
+    res["sizes"] = res["sizes"][:1]
+    path.write_text(json.dumps(res))
+    assert "Goals" not in report.index_scale_markdown(path) and "Projection" not in report.index_scale_markdown(path)

@@ -3,12 +3,11 @@ accuracy on a GPT-2-style model trained here on real text.
 
     .venv/bin/python bench/hf_index.py              # 4,096 windows of 64 tokens (~25 min, 1 thread)
     .venv/bin/python bench/hf_index.py --quick      # 512 windows, a smaller model (~3 min)
-    .venv/bin/python bench/hf_index.py --plot       # redraw bench/hf_index_sketch.png from the results
 
 The corpus is the standard library's documentation (`netsim_paper.hf.text`: pydoc's topics and
 module docstrings), a byte-level BPE tokenizer of 8,192 tokens is trained on it, and the documents
 are cut into windows of 64 tokens. A `GPT2LMHeadModel` (4 layers, width 384, 6 heads, tied
-embedding: 10.3M parameters) is trained on `--n` windows (AdamW, lr 1e-3, batches of 32, 2 epochs,
+embedding: 10.3M parameters) is trained on N = 4,096 windows (AdamW, lr 1e-3, batches of 32, 2 epochs,
 2 threads; cached under data/cache/bench/). Then, with 1 thread:
 
 - epoch: forward + backward of the language-model loss over the N windows in batches of 32 (no
@@ -18,7 +17,7 @@ embedding: 10.3M parameters) is trained on `--n` windows (AdamW, lr 1e-3, batche
   above its start is recorded, beside the memory budget and the dense per-sample gradients of one
   chunk (what the build never forms);
 - query: 100 top-10 queries (test windows) against the index;
-- accuracy: on a pool of `--pool` training windows where exact k^C is feasible, top-10 recall of
+- accuracy: on a pool of 1,000 training windows where exact k^C is feasible, top-10 recall of
   100 test windows and the k^C error on the query x pool entries, for several sketch sizes, and
   `calibrate`'s error on random pairs.
 

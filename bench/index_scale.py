@@ -5,10 +5,10 @@
 
 Data: the 60,000 real MNIST training images, each translated by up to 2 pixels (zero fill), in the
 order translation by translation: sample i is image i mod 60000 shifted by the (i // 60000)-th of
-the 25 shifts of {-2..2}^2, the image itself first, then by growing shift (1M samples use 17 of them). That is the augmentation
-an MNIST trainer uses, and it gives the neighbour structure such a data set has: a sample's nearest
-k^C neighbours are mostly other translations of its image and other images of its digit. The first
-N samples are indexed.
+the 25 shifts of {-2..2}^2, the image itself first, then by growing shift (1M samples use 17 of
+them). That is the augmentation an MNIST trainer uses, and it gives the neighbour structure such
+a data set has: a sample's nearest k^C neighbours are mostly other translations of its image and
+other images of its digit. The first N samples are indexed.
 
 Model and output: the authors' MNIST CNN trained for one pass over 50,000 images (as `bench/index.py`),
 `class_vs_rest` with the labels (d = 1), sketch 1024. For each N, with 1 thread:
@@ -95,7 +95,8 @@ def main() -> None:
             data_n = Translated(images, labels, n)
             row = {"n": n, "epoch_s": epoch_50k * n / 50_000}
             row["build_s"], index = seconds(lambda: netsim.SimilarityIndex.build(  # noqa: B023
-                model, data_n, work / str(n), output_fn=class_vs_rest, sketch=DEFAULT_SKETCH, shard_size=SHARD_SIZE))
+                model, data_n, work / str(n), output_fn=class_vs_rest,  # noqa: B023
+                sketch=DEFAULT_SKETCH, shard_size=SHARD_SIZE))
             row["index_bytes"] = index.nbytes
             wall = time.perf_counter()
             row["ann_build_s"], approximate = seconds(index.build_ann)

@@ -238,7 +238,9 @@ def soft_density(model: nn.Module, xs, *, reference=None,
     second pass is the dot product alone, with no model evaluation; otherwise only each
     sample's d x d normaliser is kept and the second pass runs in forward mode: J(x) A^T is d
     `torch.func.jvp`s of the outputs along the rows of A, with no backward pass and no
-    per-sample gradient (benchmarked in `bench/`).
+    per-sample gradient (benchmarked in `bench/`). Models with token maps (Hugging Face
+    transformers) keep those maps' per-token factors instead, and their second pass recomputes
+    the factors (a forward and a backward per chunk) and contracts them with A.
 
     Data and passes: `xs` and `reference` may be any data form of `netsim.data` (tensors,
     Datasets, DataLoaders, iterables of batches). `reference` is read once, then `xs` once;

@@ -8,7 +8,8 @@ Jacobian J(x) `(d, p)` that the kernels need, in the layer-wise form of `netsim.
   layers as their per-sample gradient block. Queries then equal `netsim.similarity` and
   `netsim.soft_density` (to rounding).
 - sketched (`sketch=k`): a seeded random projection to about k values per sample and output row
-  (`netsim.sketch`: Kronecker-structured for Linear layers, a count sketch for the rest). The
+  (`netsim.sketch`: Kronecker-structured for Linear layers, a tensor sketch of the per-token
+  factors for layers over token positions, a count sketch for the rest). The
   normalisation of k^C is taken from the sketch itself (the cosine of the sketched Jacobians), so
   k^C(x, x) = 1 and |k^C| <= 1 still hold. `calibrate` measures its error against exact kernels.
 
@@ -21,8 +22,11 @@ memory-mapped shards of `shard_size` samples. A killed build resumes at the firs
 shard; `open` refuses a model whose parameters differ from the one the index was built from; a
 shard whose files do not match their checksums raises `CorruptIndexError` when first read.
 
-Every query streams over the shards in blocks: memory is one block of queries, one shard and
-one `(queries, shard)` block, whatever the size of the index.
+Every exact query streams over the shards in blocks: memory is one block of queries, one shard
+and one `(queries, shard)` block, whatever the size of the index. `search="approximate"`
+(`netsim.ann`, `build_ann`) asks an inverted-file index for candidates and re-ranks them by exact
+k^C. Independent workers (`build(num_shards=S, shard_id=s)`) or `torch.distributed` ranks write
+one index's shards together.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ class SimilarityIndex:
         atomically; nothing is shared but the file system. The first worker to start writes the
         manifest (the others adopt it and are refused if their settings differ); each shard
         carries its settings' stamp; a killed worker resumes its own slice. The worker that finds
-        every slice written completes the index (`merge`); the others return None.
+        every slice written completes the index (`merge`; workers finishing together may both do it,
+        harmlessly); the others return None.
 
         Args:
             model: the trained network (eval mode).
@@ -207,17 +212,16 @@ class SimilarityIndex:
         cls._check_settings(manifest, settings, root)
         if method != "auto" and method != manifest["engine"]:
             raise FileExistsError(f"{root} was built with method={manifest['engine']!r}, not {method!r}")
-        if worker and manifest.get("num_shards") not in (None, num_shards):
-            raise FileExistsError(f"{root} is being built by {manifest['num_shards']} workers, not {num_shards}")
         index = cls(root, manifest, model, output_fn, params, chunk_size, memory_budget)
         if manifest["complete"]:
             return index
+        _check_same_build(root, manifest, num_shards, source.length)
         count = math.ceil(source.length / shard_size) if source.length is not None else None
         mine = (None if not (distributed or worker) else
                 _slice_of(shard_id, num_shards, count) if worker else
                 range(rank, count, dist.get_world_size(process_group)))
-        if rank == 0 or worker:
-            store.remove_partial(root, mine)
+        if rank == 0 or worker:   # a worker's slice only: the others may be writing theirs
+            store.remove_partial(root, mine if worker else None)
         if distributed:
             dist.barrier(process_group)
         index._write_shards(source, progress, mine)
@@ -379,7 +383,8 @@ class SimilarityIndex:
     def _engine(self, source):
         engine = engine_for_data(self.model, source, self.output_fn, self.chunk_size, self.manifest["engine"],
                                  self.params)
-        engine.tokens = self._sketch is not None   # token maps are sketched from their per-token factors
+        sketch = self.manifest["sketch_plan"]   # token maps sketched from per-token factors (older indexes: formed)
+        engine.tokens = sketch is not None and any(e["kind"] == "tensor" for e in sketch["entries"])
         return engine
 
     def _query_reps(self, xs, targets, targets_key, block: int | None = None) -> Iterator[tuple[int, Rep]]:
@@ -473,18 +478,32 @@ class SimilarityIndex:
             `{"ann_recall_at_k", "ann_k", "ann_queries", "ann_nprobe", "ann_candidates"}`.
         """
         check_positive_int("n_queries", n_queries)
+        k = min(k, len(self) - 1)   # self excluded
         picked = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n_queries].sort().values
         queries = ann.flat(self._stored_prepared(self._rows(picked.tolist())))
+        nprobe, candidates = self._search_settings(k, nprobe, candidates)
         _, approximate = self._approximate(queries, k, nprobe, candidates, exclude=picked)
-        best, found = queries.new_full((len(picked), k), -math.inf), torch.full((len(picked), k), -1)
+        picked = picked.to(queries.device)
+        best = queries.new_full((len(picked), k), -math.inf)
+        found = torch.full((len(picked), k), -1, device=queries.device)
         for meta in self.manifest["shards"]:   # the exact search, streamed over the shards
             block = queries @ ann.flat(self._stored_prepared(self._read(meta))).T
-            block[picked[:, None] == torch.arange(meta["start"], meta["stop"])[None, :]] = -math.inf
+            columns = torch.arange(meta["start"], meta["stop"], device=queries.device)
+            block[picked[:, None] == columns[None, :]] = -math.inf
             _merge_top(best, found, block, meta["start"])
-        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, approximate))
-        nlist = ann.opened(self).meta["settings"]["nlist"]
+        hits = sum(len((set(a.tolist()) & set(b.tolist())) - {-1}) for a, b in zip(found, approximate))
         return {"ann_recall_at_k": hits / found.numel(), "ann_k": k, "ann_queries": len(picked),
-                "ann_nprobe": nprobe or default_nprobe(nlist), "ann_candidates": candidates or max(4 * k, 100)}
+                "ann_nprobe": nprobe, "ann_candidates": candidates}
+
+    def _search_settings(self, k: int, nprobe: int | None, candidates: int | None) -> tuple[int, int]:
+        """The approximate search's nprobe and candidates, their defaults filled in (checked)."""
+        check_positive_int("nprobe", nprobe, optional=True)
+        check_positive_int("candidates", candidates, optional=True)
+        if candidates is not None and candidates < k:
+            raise ValueError(f"candidates ({candidates}) must be at least k ({k}): they are re-ranked to the top k")
+        if self._ann is None:
+            self._ann = ann.opened(self)
+        return nprobe or default_nprobe(self._ann.meta["settings"]["nlist"]), candidates or max(4 * k, 100)
 
     def _stored_prepared(self, rep: Rep) -> Rep:
         """Stored entries normalised for k^C (`_prepared`, rows and columns alike for correlation)."""
@@ -497,24 +516,21 @@ class SimilarityIndex:
 
     def _approximate(self, queries: Tensor, k: int, nprobe: int | None, candidates: int | None,
                      exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Top-k of flat query vectors from the approximate index's candidates, re-ranked by exact k^C
-        (`exclude`: each query's own sample number, left out)."""
-        if self._ann is None:
-            self._ann = ann.opened(self)
-        nlist = self._ann.meta["settings"]["nlist"]
-        check_positive_int("nprobe", nprobe, optional=True)
-        check_positive_int("candidates", candidates, optional=True)
-        proposed = self._ann.search(queries, (candidates or max(4 * k, 100)) + (exclude is not None),
-                                    nprobe or default_nprobe(nlist))
+        """`(Q, k)` top-k of flat query vectors from the approximate index's candidates, re-ranked by
+        exact k^C (`exclude`: each query's own sample number, left out)."""
+        nprobe, candidates = self._search_settings(k, nprobe, candidates)
+        proposed = self._ann.search(queries, candidates + (exclude is not None), nprobe).to(queries.device)
         if exclude is not None:
-            proposed[proposed == exclude[:, None]] = -1
+            proposed[proposed == exclude.to(proposed.device)[:, None]] = -1
         scores = queries.new_full(proposed.shape, -math.inf)
         wanted = proposed[proposed >= 0].unique()
         if len(wanted):
             vectors = ann.flat(self._stored_prepared(self._rows(wanted)))       # (U, D), in `wanted` order
             position = torch.searchsorted(wanted, proposed.clamp_min(0))
-            for start in range(0, len(queries), RERANK_QUERIES):   # (queries, candidates, D) a block at a time
-                block = slice(start, start + RERANK_QUERIES)
+            gathered = proposed.shape[1] * vectors.shape[1] * vectors.element_size()   # bytes per query
+            rows = max(1, min(RERANK_QUERIES, budget_bytes(self.memory_budget) // gathered))
+            for start in range(0, len(queries), rows):   # (queries, candidates, D) a block at a time
+                block = slice(start, start + rows)
                 exact = torch.einsum("qd,qcd->qc", queries[block], vectors[position[block]])
                 scores[block] = torch.where(proposed[block] >= 0, exact, scores[block])
         values, order = scores.clamp_(max=1.0).topk(min(k, scores.shape[1]), dim=1)
@@ -739,7 +755,8 @@ class SimilarityIndex:
         compares exact k^C with the index's on every pair of the subset.
 
         Returns:
-            `{"n_pairs", "median_abs_err", "p99_abs_err", "max_abs_err", "mean_err"}` (also
+            `{"n_pairs", "median_abs_err", "p99_abs_err", "max_abs_err", "mean_err", "seed"}`, and when
+            an approximate index is built and current, `calibrate_ann`'s keys (also
             `index.manifest["calibration"]`, saved to disk).
         """
         from .kernel import similarity  # the exact reference
@@ -762,7 +779,11 @@ class SimilarityIndex:
         report = {"n_pairs": int(err.numel()), "median_abs_err": float(err.abs().median()),
                   "p99_abs_err": float(err.abs().quantile(0.99)), "max_abs_err": float(err.abs().max()),
                   "mean_err": float(err.mean()), "seed": seed}
-        if ann.read_meta(self.path) is not None:
+        try:
+            self._ann = ann.opened(self)
+        except (FileNotFoundError, ValueError):   # none built, a partial build or a stale one: no recall to measure
+            pass
+        else:
             report.update(self.calibrate_ann(seed=seed))
         self.manifest["calibration"] = report
         store.write_json(self.path / store.MANIFEST, self.manifest)
@@ -790,6 +811,25 @@ def _check_worker(num_shards, shard_id, process_group) -> bool:
 def _slice_of(worker: int, workers: int, shards: int) -> range:
     """The shards of worker `worker` of `workers`: the worker-th of `workers` contiguous runs of `shards`."""
     return range(worker * shards // workers, (worker + 1) * shards // workers)
+
+
+def _check_same_build(root: Path, manifest: dict, num_shards: int | None, length: int | None) -> None:
+    """Refuses to join an incomplete index being built otherwise: by another number of workers, by
+    workers where this is one build (or the reverse), or over data of another length."""
+    workers = manifest.get("num_shards")
+    if workers is not None and num_shards is not None and workers != num_shards:
+        raise FileExistsError(f"{root} is being built by {workers} workers, not {num_shards}: pass "
+                              f"num_shards={workers}")
+    if workers is not None and num_shards is None:
+        raise FileExistsError(f"{root} is being built by {workers} independent workers (num_shards={workers}): pass "
+                              "num_shards and shard_id to write a slice, or call SimilarityIndex.merge once they are "
+                              "done")
+    if workers is None and num_shards is not None:
+        raise FileExistsError(f"{root} is being built as one build (no num_shards): resume it without num_shards "
+                              "and shard_id, or use another path")
+    if manifest.get("length") is not None and length is not None and manifest["length"] != length:
+        raise ValueError(f"{root} is being built over {manifest['length']:,} samples, but this data has {length:,}: "
+                         "every build of one index passes the same data")
 
 
 def _missing(root: Path, manifest: dict) -> list[int]:

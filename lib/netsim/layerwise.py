@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -277,7 +278,7 @@ def _forward_recording(model: nn.Module, inputs: Inputs, owners, copy: bool):
     for _, m, _ in owners:
         if type(m) in _COMPOSITES:
             patched[m] = m.__dict__.get("forward")   # an instance-level forward, if the user set one
-            m.forward = _composite_forward(m, records[id(m)], copy, thread)
+            m.forward = _composite_forward(m, records[id(m)], copy, thread, patched[m])
         else:
             handles.append(m.register_forward_hook(hook))
     try:
@@ -319,11 +320,12 @@ def _keep(call: list, x: Tensor, output: Tensor, copy: bool) -> Tensor | None:
     return output.clone() if copy else None
 
 
-def _composite_forward(module: nn.Module, sink: list, copy: bool, thread: int):
-    """The recording forward of a composite module (bound to it while recording, for `thread`'s calls)."""
+def _composite_forward(module: nn.Module, sink: list, copy: bool, thread: int, own: Callable | None):
+    """The recording forward of a composite module (bound to it while recording, for `thread`'s calls;
+    other threads run its instance-level forward `own`, if it had one, else its class's)."""
     def forward(*args, **kwargs):
         if threading.get_ident() != thread:
-            return type(module).forward(module, *args, **kwargs)
+            return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
         call = []
         sink.append(call)
         return _COMPOSITES[type(module)][0](module, call, copy, *args, **kwargs)

@@ -534,7 +534,8 @@ def index_scale_goals(res: Mapping[str, Any]) -> list[tuple[str, str, str, bool]
                   ("its recall@10", f"{at['recall_at_10']:.3f}", "≥ 0.95", at["recall_at_10"] >= 0.95)]
     goals += [("approximate index on disk", f"{r['ann_bytes'] / r['index_bytes']:.2f}× the index", "≤ 1×",
                r["ann_bytes"] <= r["index_bytes"]),
-              ("its build", f"{r['ann_build_s'] / r['epoch_s']:.2f}× an epoch", "≤ 1×", r["ann_build_s"] <= r["epoch_s"])]
+              ("its build", f"{r['ann_build_s'] / r['epoch_s']:.2f}× an epoch", "≤ 1×",
+               r["ann_build_s"] <= r["epoch_s"])]
     return goals
 
 
@@ -674,6 +675,8 @@ def update_readme(readme: Path | str | None = None, figures: Path | str | None =
       (`results_page_markdown`). Otherwise those are left alone.
     - When `index_results.json` exists beside them: between the index markers (if present)
       `index_summary_markdown`, with `hf_index_results.json` when it exists too.
+    - When `index_scale_results.json` exists beside them: between the index-scale markers (if
+      present) `index_scale_markdown`; `memory_budget_results.json`'s curve goes to `RESULTS.md`.
 
     Args:
         readme: defaults to `<repo>/README.md`.

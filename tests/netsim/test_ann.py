@@ -97,3 +97,26 @@ def test_missing_faiss_and_other_kernels_are_refused_clearly(tmp_path, monkeypat
         netsim.SimilarityIndex.open(index.path, model).query(xs[:2], search="approximate")
     assert json.loads((index.path / "ann" / "meta.json").read_text())["settings"]["nlist"] == 8
     assert store.read_manifest(index.path)["complete"]
+
+
+def test_results_are_k_wide_and_recall_counts_real_neighbours_only(tmp_path):
+    """Fewer candidates than k are refused (the results would be narrower than asked); on an index of
+    6 samples, recall@10 is over the 5 others, never inflated by the padding."""
+    model, xs, index = _index(tmp_path)
+    index.build_ann(nlist=8)
+    assert index.query(xs[:3], k=7, search="approximate", nprobe=8)[1].shape == (3, 7)
+    with pytest.raises(ValueError, match=r"candidates \(5\) must be at least k \(7\)"):
+        index.query(xs[:3], k=7, search="approximate", candidates=5)
+    _, _, small = _index(tmp_path, n=6, name="small")
+    small.build_ann(nlist=1)
+    report = small.calibrate_ann(n_queries=6, k=10, nprobe=1)
+    assert report["ann_k"] == 5 and report["ann_recall_at_k"] == 1.0, report
+
+
+def test_calibrate_keeps_its_result_beside_a_stale_approximate_index(tmp_path):
+    model, xs, index = _index(tmp_path)
+    index.build_ann(nlist=8)
+    meta = json.loads((index.path / "ann" / "meta.json").read_text())
+    (index.path / "ann" / "meta.json").write_text(json.dumps(dict(meta, fingerprint="0" * 16)))   # stale
+    report = netsim.SimilarityIndex.open(index.path, model).calibrate(xs, n_pairs=50)
+    assert "ann_recall_at_k" not in report and store.read_manifest(index.path)["calibration"] == report

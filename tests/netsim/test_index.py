@@ -344,7 +344,7 @@ def _worker_setting():
 
 def test_independent_workers_build_the_single_process_index_bit_for_bit(tmp_path):
     """Three processes started together, each writing its slice: the same shards, byte for byte, as
-    one process; exactly one of them completes the index (the others return None)."""
+    one process; the last to finish completes the index (the others return None)."""
     workers = [_worker(tmp_path / "sharded", s) for s in range(3)]
     outputs = [w.communicate()[0].strip() for w in workers]
     assert all(w.returncode == 0 for w in workers) and outputs.count("complete") >= 1, outputs
@@ -394,6 +394,16 @@ def test_slices_of_another_model_or_settings_are_refused_and_named(tmp_path):
         netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=32, num_shards=3, shard_id=1)
     with pytest.raises(FileExistsError, match="being built by 3 workers, not 2"):
         netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=16, num_shards=2, shard_id=1)
+    with pytest.raises(ValueError, match="over 50 samples, but this data has 49"):
+        netsim.SimilarityIndex.build(model, xs[:49], tmp_path, shard_size=8, sketch=16, num_shards=3, shard_id=1)
+    with pytest.raises(FileExistsError, match=r"by 3 independent workers \(num_shards=3\).*merge"):
+        netsim.SimilarityIndex.build(model, xs, tmp_path, shard_size=8, sketch=16)   # would redo their slices
+    plain = tmp_path / "plain"                          # and a worker never joins one build's directory
+    netsim.SimilarityIndex.build(model, xs, plain, shard_size=8, sketch=16)
+    manifest = json.loads((plain / store.MANIFEST).read_text())
+    (plain / store.MANIFEST).write_text(json.dumps(dict(manifest, complete=False)))
+    with pytest.raises(FileExistsError, match="as one build"):
+        netsim.SimilarityIndex.build(model, xs, plain, shard_size=8, sketch=16, num_shards=3, shard_id=0)
     # a shard that reached the directory from another index (another stamp) is named at the merge
     build = lambda shard_id: netsim.SimilarityIndex.build(  # noqa: E731
         model, xs, tmp_path, shard_size=8, sketch=16, num_shards=3, shard_id=shard_id)

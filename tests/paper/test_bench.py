@@ -540,6 +540,11 @@ def test_goals_read_auto_first_and_race_the_transformer_engines():
     assert (sim["measured"], sim["met"]) == (11.0, False) and "auto not measured" in sim["note"]
     assert (grads["measured"], grads["met"]) == (2.5, True) and "picked layerwise" in grads["note"]
     assert not any(g["goal"].startswith("hf_bert similarity") for g in goals.values())
+    # its soft density is read at N = 4096 (issue #19), the larger N said in the note
+    res["results"] += [row("hf_bert", 4096, "soft_density", "auto", 2.3, variant="picked layerwise"),
+                       row("hf_bert", 16384, "soft_density", "auto", 4.0, variant="picked layerwise")]
+    soft = {g["goal"]: g for g in records.evaluate_goals(res)}["soft_density <= 3x epoch (hf_bert)"]
+    assert (soft["measured"], soft["n"], soft["met"]) == (2.3, 4096, True) and "at N=16384: 4x" in soft["note"]
 
 
 def test_grads_check_accepts_float32_rounding_and_flags_a_wrong_g():

@@ -202,7 +202,8 @@ def _transformer_goals(results: list[dict], model: str) -> list[dict]:
 
 def evaluate_goals(res: dict) -> list[dict]:
     """The goals on the rows: soft_density <= 3x epoch per model (`method="auto"`, else the
-    layer-wise engine, at the largest N; the Hugging Face models' at N = 4096), the >= 1M CNN's similarity at N = 4096 <= 10x epoch,
+    layer-wise engine, at the largest N; the Hugging Face models' at N = 4096), the >= 1M CNN's
+    similarity at N = 4096 <= 10x epoch,
     the transformers' similarity at N = 1024 <= 10x epoch (the bench's own with its layer-wise engine
     faster than its Jacobian engine; the Hugging Face models' per-sample gradients <= 3x epoch
     there too), the MLP gram's GEMM efficiency >= 60%."""

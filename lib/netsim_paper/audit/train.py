@@ -44,26 +44,45 @@ def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, *, epochs
     """
     if len(images) != len(labels) or len(labels) == 0:
         raise ValueError(f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    return fit(model, len(labels), lambda rows: nn.functional.cross_entropy(model(images[rows]), labels[rows]),
+               torch.optim.Adam(model.parameters(), lr=lr), epochs=epochs, batch_size=batch_size, seed=seed,
+               progress=progress)
+
+
+def fit(model: nn.Module, n: int, loss_of: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, *,
+        epochs: int, batch_size: int, seed: int, progress: bool = False) -> list[float]:
+    """The training loop of every model trained here: shuffled mini-batches of the `n` samples (a
+    seeded order per epoch), `loss_of(rows)` a batch's mean loss, one `optimizer` step per batch;
+    the model in train mode while it runs, in eval mode after.
+
+    Returns:
+        The mean training loss of each epoch.
+
+    Raises:
+        ValueError: non-positive epochs, batch size or sample count.
+        FloatingPointError: a non-finite loss.
+    """
+    if epochs < 1 or batch_size < 1 or n < 1:
+        raise ValueError(f"epochs, batch_size and the sample count must be >= 1, got {epochs}, {batch_size}, {n}")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     means = []
-    for epoch in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total = 0.0
-        for start in tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}", disable=not progress):
-            batch = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, batch at {start}")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        means.append(total / len(labels))
-    model.eval()
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for start in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", disable=not progress):
+                rows = order[start:start + batch_size]
+                loss = loss_of(rows)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, batch at {start}")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+            means.append(total / n)
+    finally:
+        model.eval()
     return means
 
 

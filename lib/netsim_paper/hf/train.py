@@ -13,38 +13,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from ..audit.train import fit
 
 #: Samples per forward pass when only evaluating.
 EVAL_BATCH = 256
-
-
-def _train(model: nn.Module, n: int, loss_of, *, epochs: int, batch_size: int, lr: float, seed: int,
-           progress: bool) -> list[float]:
-    """AdamW (weight decay 0.01) over shuffled mini-batches; `loss_of(rows)` is a batch's mean loss."""
-    if epochs < 1 or batch_size < 1 or n < 1:
-        raise ValueError(f"epochs, batch_size and the sample count must be >= 1, got {epochs}, {batch_size}, {n}")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    means = []
-    try:
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", disable=not progress):
-                rows = order[start:start + batch_size]
-                loss = loss_of(rows)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}, batch at {start}")
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(rows)
-            means.append(total / n)
-    finally:
-        model.eval()
-    return means
 
 
 def train_lm(model: nn.Module, ids: Tensor, *, epochs: int, batch_size: int, lr: float, seed: int,
@@ -54,8 +27,8 @@ def train_lm(model: nn.Module, ids: Tensor, *, epochs: int, batch_size: int, lr:
     Returns:
         The mean training loss (nats per predicted token) of each epoch.
     """
-    return _train(model, len(ids), lambda rows: model(input_ids=ids[rows], labels=ids[rows]).loss,
-                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    return fit(model, len(ids), lambda rows: model(input_ids=ids[rows], labels=ids[rows]).loss, _adamw(model, lr),
+               epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
 
 
 def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, *, epochs: int, batch_size: int, lr: float,
@@ -63,9 +36,13 @@ def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, *, epochs
     """An image classifier (`model(pixel_values=...).logits`) on the cross-entropy of `(N,)` labels."""
     if len(images) != len(labels):
         raise ValueError(f"need as many labels as images, got {len(labels)} and {len(images)}")
-    return _train(model, len(images), lambda rows: nn.functional.cross_entropy(
-        model(pixel_values=images[rows]).logits, labels[rows]),
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    return fit(model, len(images), lambda rows: nn.functional.cross_entropy(
+        model(pixel_values=images[rows]).logits, labels[rows]), _adamw(model, lr),
+        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
+
+
+def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
 
 @torch.no_grad()

@@ -64,6 +64,24 @@ def _padded_tokens(n=6, length=5, vocab=11):
     return tokens.clamp_min(1).masked_fill(pad, 0)
 
 
+def _weighted(norm):
+    """A norm whose weight is not all ones (its initial value), so that the rule's form check has work to do."""
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMS norm, x_hat * (1 + weight): named like an RMS norm, but not of the form x_hat * weight."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
 def _batchnorm_eval(model):
     with torch.no_grad():
         for m in model.modules():
@@ -86,6 +104,7 @@ def _cases():
     return {
         "embedding+linear over tokens": (_Tokens(nn.Linear(6, 6)), tokens),
         "layernorm over tokens": (_Tokens(nn.LayerNorm(6)), tokens),
+        "rmsnorm over tokens": (_Tokens(_weighted(nn.RMSNorm(6))), tokens),
         "conv1d+batchnorm1d+groupnorm": (_batchnorm_eval(conv1d), torch.randn(5, 2, 8)),
         "batchnorm2d+groupnorm+layernorm": (_batchnorm_eval(norms2d), torch.randn(5, 1, 6, 6)),
         "batchnorm1d on features": (_batchnorm_eval(flat), torch.randn(5, 3)),
@@ -122,6 +141,18 @@ def test_each_rule_equals_the_reference_loop_in_float64(name, no_generic_rule):
     assert names == [n for n, p in model.named_parameters() if p.requires_grad]
     assert_model_unchanged(model, before)
     assert not any("forward" in vars(m) for m in model.modules())       # the recording forward is gone
+
+
+def test_an_rms_norm_of_another_form_goes_to_the_generic_rule_in_every_chunk():
+    """The RMS rule checks a module's form on its first chunk only: a module that fails it (Gemma's
+    x_hat * (1 + weight)) is never remembered as checked, so every chunk takes the generic rule."""
+    torch.manual_seed(0)
+    model, xs = _Tokens(GemmaRMSNorm(6)).to(D), token_batch(6, 5, 11, seed=2)
+    reference = netsim.similarity_from_jacobians(reference_jacobians(model, xs))
+    for _ in range(2):
+        torch.testing.assert_close(netsim.similarity(model, xs, method="layerwise", chunk_size=2), reference,
+                                   rtol=1e-9, atol=1e-10)
+    assert model.layer not in layerwise._RMS_FORM_CHECKED
 
 
 @pytest.mark.parametrize("name", ["tiny transformer padded", "tiny resnet"])

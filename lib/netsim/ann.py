@@ -6,7 +6,7 @@ entries normalised as the queries normalise them (K(x, x)^-1/2 / sqrt(rank)), fl
 layer's factored entry as the outer product of its output gradient and (input, 1). An inverted-file
 index over those vectors with the inner-product metric (FAISS `IndexIVFScalarQuantizer`, 8-bit
 scalar quantiser: one byte per value) proposes `candidates` samples per query, scanning `nprobe` of
-its `nlist` lists; the candidates are then re-ranked by their exact k^C from the flat vectors of the
+its `nlist` lists; the candidates are then re-ranked by their k^C from the flat vectors of the
 stored entries, so every returned value is the index's own k^C and only the candidate set is
 approximate. Flat vectors longer than `MAX_DIM` are count-sketched to it (seeded) for the lists only
 (a Linear layer stored exactly, or Kronecker-sketched, flattens to out x in values); the re-ranking

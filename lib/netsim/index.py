@@ -24,9 +24,10 @@ shard whose files do not match their checksums raises `CorruptIndexError` when f
 
 Every exact query streams over the shards in blocks: memory is one block of queries, one shard
 and one `(queries, shard)` block, whatever the size of the index. `search="approximate"`
-(`netsim.ann`, `build_ann`) asks an inverted-file index for candidates and re-ranks them by exact
-k^C. Independent workers (`build(num_shards=S, shard_id=s)`) or `torch.distributed` ranks write
-one index's shards together.
+(`netsim.ann`, `build_ann`) asks an inverted-file index for candidates and re-ranks them by the
+stored k^C; `refine` ranks a query's candidates by exact k^C recomputed from the data (for sketches
+whose error exceeds the gaps between true neighbours). Independent workers (`build(num_shards=S,
+shard_id=s)`) or `torch.distributed` ranks write one index's shards together.
 """
 
 from __future__ import annotations
@@ -517,7 +518,7 @@ class SimilarityIndex:
     def _approximate(self, queries: Tensor, k: int, nprobe: int | None, candidates: int | None,
                      exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`(Q, k)` top-k of flat query vectors from the approximate index's candidates, re-ranked by
-        exact k^C (`exclude`: each query's own sample number, left out)."""
+        the stored k^C (`exclude`: each query's own sample number, left out)."""
         nprobe, candidates = self._search_settings(k, nprobe, candidates)
         proposed = self._ann.search(queries, candidates + (exclude is not None), nprobe).to(queries.device)
         if exclude is not None:
@@ -628,7 +629,7 @@ class SimilarityIndex:
             search: "exact" (every indexed sample compared, streamed over the shards: the
                 reference) or "approximate" (k^C only, all modules: the approximate index of
                 `build_ann` proposes `candidates` samples per query from `nprobe` of its lists, and
-                they are re-ranked by their exact k^C; `netsim.ann`).
+                they are re-ranked by their stored k^C; `netsim.ann`; `refine` ranks by exact k^C).
             nprobe, candidates: of the approximate search (defaults: `default_nprobe(nlist)`,
                 max(4 k, 100)); more of either finds more of the exact top k, in more time.
 
@@ -650,6 +651,68 @@ class SimilarityIndex:
                 values.append(block.new_full((rows.stop - rows.start, k), -math.inf))
                 indices.append(torch.full((rows.stop - rows.start, k), -1, dtype=torch.long, device=block.device))
             _merge_top(values[-1], indices[-1], block, meta["start"])
+        return torch.cat(values), torch.cat(indices)
+
+    def refine(self, xs, data, k: int = 10, *, candidates: int | None = None, targets: Tensor | None = None,
+               data_targets: Tensor | None = None, targets_key: str | None = None, search: str = "exact",
+               nprobe: int | None = None) -> tuple[Tensor, Tensor]:
+        """The exact top k under k^C among each query's `candidates` best indexed samples.
+
+        A sketched index ranks by an estimate of k^C; where a model's neighbourhoods are flat (true
+        k^C of the nearest samples barely above the rest) the sketch's error reorders them. `refine`
+        proposes `candidates` samples per query by the stored k^C (`query` with `search` and
+        `nprobe`), recomputes their Jacobians from `data` and ranks them by exact k^C: the true top
+        k whenever the proposals hold it, at the cost of one Jacobian per distinct proposal.
+
+        Args:
+            xs, targets, targets_key, search, nprobe: as in `query` (xs read once per block of
+                queries, plus once for the proposals).
+            data: the data the index was built from, in the same order (as in `calibrate`).
+            candidates: proposals per query (default max(10 k, 100); at least k).
+            data_targets: `data`'s targets for the output function (one row per sample).
+
+        Returns:
+            `(values, indices)`, both `(Q, k)`: exact k^C by decreasing value (as
+            `netsim.similarity(model, xs, data)` gives them).
+        """
+        from .kernel import similarity  # the exact reference
+
+        check_positive_int("k", k)
+        check_positive_int("candidates", candidates, optional=True)
+        k = min(k, len(self))
+        candidates = min(len(self), max(10 * k, 100) if candidates is None else candidates)
+        if candidates < k:
+            raise ValueError(f"candidates ({candidates}) must be at least k ({k}): they are ranked to the top k")
+        device = model_device(self.model)
+        queries = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
+        source = as_source(data, data_targets, targets_key=targets_key, name="data", targets_name="data_targets",
+                           device=device)
+        if source.length is not None and source.length != len(self):
+            raise ValueError(f"data holds {source.length} samples, the index {len(self)}: pass the data the index "
+                             "was built from")
+        # blocks of b queries whose (b, distinct proposals <= b candidates) exact rows fit the budget
+        per_block = max(1, math.isqrt(budget_bytes(self.memory_budget) // (4 * candidates)))
+        queries.require_passes(2, "refine")   # the proposals, then the exact rows
+        _, proposed = self.query(queries, candidates, targets_key=targets_key, search=search, nprobe=nprobe)
+        blocks = range(0, len(proposed), per_block)
+        source.require_passes(len(blocks), "refine")
+        values, indices = [], []
+        for start in blocks:
+            block = proposed[start:start + per_block]
+            wanted = block[block >= 0].unique()
+            if len(wanted) == 0:   # an approximate search that proposed nothing for this block
+                values.append(torch.full((len(block), k), -math.inf))
+                indices.append(torch.full((len(block), k), -1))
+                continue
+            exact = similarity(self.model, queries.rows(start, start + len(block)), source.select(wanted),
+                               output_fn=self.output_fn, method=self.manifest["engine"], params=self.params,
+                               chunk_size=self.chunk_size, on_zero=self.manifest["settings"]["on_zero"],
+                               memory_budget=self.memory_budget)
+            scores = exact.gather(1, torch.searchsorted(wanted, block.clamp_min(0)).to(exact.device))
+            scores = scores.masked_fill((block < 0).to(exact.device), -math.inf)
+            top, order = scores.topk(k, dim=1)
+            values.append(top)
+            indices.append(torch.where(torch.isfinite(top), block.to(exact.device).gather(1, order), -1))
         return torch.cat(values), torch.cat(indices)
 
     def neighbours(self, k: int = 10, *, kind: str = "correlation", progress: bool = False, search: str = "exact",

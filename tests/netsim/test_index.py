@@ -443,3 +443,54 @@ def test_queries_of_some_modules_equal_the_kernel_of_their_parameters_alone(tmp_
     torch.testing.assert_close(index.similarity(queries, modules=["0", "2", "4"]), index.similarity(queries))
     with pytest.raises(ValueError, match=r"\['9'\] are not among them: \['0', '2', '4'\]"):
         index.query(queries, modules=["9"])
+
+
+def _recall(true_top, found) -> list[int]:
+    return [len(set(t.tolist()) & set(f.tolist())) for t, f in zip(true_top, found)]
+
+
+def test_refine_ranks_the_proposals_by_exact_kc(tmp_path):
+    """refine: the exact top k among the sketch's proposals. With every sample proposed it is the exact top k;
+    with fewer, each query keeps at least the sketch's own hits (the sketch's top k is among its proposals),
+    and every returned value is the exact k^C of the returned sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double()
+    xs, queries = torch.randn(300, 20, dtype=torch.float64), torch.randn(30, 20, dtype=torch.float64)
+    index = netsim.SimilarityIndex.build(model, xs, tmp_path, sketch=16, shard_size=64)
+    exact = netsim.similarity(model, queries, xs)
+    true_values, true_top = exact.topk(5, 1)
+    values, ids = index.refine(queries, xs, k=5, candidates=300)
+    torch.testing.assert_close(values, true_values, rtol=1e-10, atol=1e-12)
+    assert torch.equal(ids, true_top)
+    sketched = index.query(queries, k=5)[1]
+    values, ids = index.refine(queries, xs, k=5, candidates=40)
+    torch.testing.assert_close(values, exact.gather(1, ids), rtol=1e-10, atol=1e-12)
+    assert (values[:, :-1] >= values[:, 1:]).all()
+    refined, plain = _recall(true_top, ids), _recall(true_top, sketched)
+    assert all(r >= p for r, p in zip(refined, plain)) and sum(refined) > sum(plain)
+    # blocks of queries (a budget of a few rows) give the same answer
+    small = netsim.SimilarityIndex.open(tmp_path, model, memory_budget=4 * 40 * 9)
+    assert torch.equal(small.refine(queries, xs, k=5, candidates=40)[1], ids)
+
+
+def test_refine_on_dict_batches_and_bad_input(tmp_path):
+    model, tokens = CASES["transformer"]
+    batches = [{"tokens": tokens[s:s + 8]} for s in range(0, 40, 8)]
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens):
+            return self.inner(tokens)
+
+    wrapped = Keywords()
+    index = netsim.SimilarityIndex.build(wrapped, batches, tmp_path, sketch=32, shard_size=16)
+    values, ids = index.refine(batches[:1], batches, k=3, candidates=40)
+    exact = netsim.similarity(wrapped, batches[:1], batches)
+    torch.testing.assert_close(values, exact.topk(3, 1).values, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="data holds 39 samples, the index 40"):
+        index.refine(tokens[:2], tokens[:39], k=3)
+    with pytest.raises(ValueError, match=r"candidates \(2\) must be at least k \(3\)"):
+        index.refine(tokens[:2], tokens, k=3, candidates=2)

@@ -675,21 +675,14 @@ class SimilarityIndex:
             `(values, indices)`, both `(Q, k)`: exact k^C by decreasing value (as
             `netsim.similarity(model, xs, data)` gives them).
         """
-        from .kernel import similarity  # the exact reference
-
         check_positive_int("k", k)
         check_positive_int("candidates", candidates, optional=True)
         k = min(k, len(self))
         candidates = min(len(self), max(10 * k, 100) if candidates is None else candidates)
         if candidates < k:
             raise ValueError(f"candidates ({candidates}) must be at least k ({k}): they are ranked to the top k")
-        device = model_device(self.model)
-        queries = as_source(xs, targets, targets_key=targets_key, name="xs", device=device)
-        source = as_source(data, data_targets, targets_key=targets_key, name="data", targets_name="data_targets",
-                           device=device)
-        if source.length is not None and source.length != len(self):
-            raise ValueError(f"data holds {source.length} samples, the index {len(self)}: pass the data the index "
-                             "was built from")
+        queries = as_source(xs, targets, targets_key=targets_key, name="xs", device=model_device(self.model))
+        source = self._indexed_data(data, data_targets, targets_key, "data_targets")
         # blocks of b queries whose (b, distinct proposals <= b candidates) exact rows fit the budget
         per_block = max(1, math.isqrt(budget_bytes(self.memory_budget) // (4 * candidates)))
         queries.require_passes(2, "refine")   # the proposals, then the exact rows
@@ -704,10 +697,8 @@ class SimilarityIndex:
                 values.append(torch.full((len(block), k), -math.inf))
                 indices.append(torch.full((len(block), k), -1))
                 continue
-            exact = similarity(self.model, queries.rows(start, start + len(block)), source.select(wanted),
-                               output_fn=self.output_fn, method=self.manifest["engine"], params=self.params,
-                               chunk_size=self.chunk_size, on_zero=self.manifest["settings"]["on_zero"],
-                               memory_budget=self.memory_budget)
+            exact = self._exact_kc(queries.rows(start, start + len(block)), source.select(wanted),
+                                   memory_budget=self.memory_budget)
             scores = exact.gather(1, torch.searchsorted(wanted, block.clamp_min(0)).to(exact.device))
             scores = scores.masked_fill((block < 0).to(exact.device), -math.inf)
             top, order = scores.topk(k, dim=1)
@@ -809,6 +800,24 @@ class SimilarityIndex:
         parts_i, parts_j = ({m: [Q[e] for e in entries] for m, entries in layout.items()} for Q in (Qi, Qj))
         return OrderedDict((name, float(ENGINE.gram(parts_i[name], parts_j[name], True)[0, 0])) for name in layout)
 
+    def _indexed_data(self, data, targets: Tensor | None, targets_key: str | None, targets_name: str):
+        """`data` as a source, refused unless it may be the data the index was built from (its length)."""
+        source = as_source(data, targets, targets_key=targets_key, name="data", targets_name=targets_name,
+                           device=model_device(self.model))
+        if source.length is not None and source.length != len(self):
+            raise ValueError(f"data holds {source.length} samples, the index {len(self)}: pass the data the index "
+                             "was built from")
+        return source
+
+    def _exact_kc(self, xs, ys=None, memory_budget: int | None = None) -> Tensor:
+        """Exact k^C from the model (`netsim.similarity` with the index's settings): the reference of
+        `calibrate` and `refine`."""
+        from .kernel import similarity
+
+        return similarity(self.model, xs, ys, output_fn=self.output_fn, method=self.manifest["engine"],
+                          params=self.params, chunk_size=self.chunk_size,
+                          on_zero=self.manifest["settings"]["on_zero"], memory_budget=memory_budget)
+
     def calibrate(self, data, n_pairs: int = 2000, *, targets: Tensor | None = None,
                   targets_key: str | None = None, seed: int = 0) -> dict:
         """Measures the error of the index's k^C against exact kernels, and records it in the manifest.
@@ -822,19 +831,13 @@ class SimilarityIndex:
             an approximate index is built and current, `calibrate_ann`'s keys (also
             `index.manifest["calibration"]`, saved to disk).
         """
-        from .kernel import similarity  # the exact reference
-
         check_positive_int("n_pairs", n_pairs)
         m = min(len(self), math.ceil((1 + math.sqrt(1 + 8 * n_pairs)) / 2))
         if m < 2:
             raise ValueError("calibrate needs at least two indexed samples")
-        source = as_source(data, targets, targets_key=targets_key, name="data", device=model_device(self.model))
-        if source.length is not None and source.length != len(self):
-            raise ValueError(f"data holds {source.length} samples, the index {len(self)}: pass the data the index "
-                             "was built from")
+        source = self._indexed_data(data, targets, targets_key, "targets")
         picked = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:m].sort().values
-        exact = similarity(self.model, source.select(picked), output_fn=self.output_fn, method=self.manifest["engine"],
-                           params=self.params, chunk_size=self.chunk_size, on_zero=self.manifest["settings"]["on_zero"])
+        exact = self._exact_kc(source.select(picked))
         Q = self._prepared([(0, self._rows(picked.tolist()))], "correlation", "rows")
         stored = self._kernel(Q, Q, "correlation")
         upper = torch.triu_indices(m, m, 1)
